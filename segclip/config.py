@@ -1,0 +1,208 @@
+"""Typed configuration: one pydantic model per section, YAML profiles, dotted overrides.
+
+Defaults are METHOD.md's reference recipe; a profile (`paper`, `tiny`, or a YAML
+path) overrides them, and `section.field=value` strings override the profile.
+Every model forbids unknown keys, so a typo fails before any work starts with
+the dotted name of the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROFILE_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value, key, profile or override is invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    """Architecture of the SegCLIP model (METHOD.md sections 1-3)."""
+
+    clip_model: str = Field("ViT-B-16", description="open_clip architecture name")
+    pretrained: str | None = Field(
+        "openai", description="open_clip tag or local weights file; null = random init"
+    )
+    quick_gelu: bool = Field(True, description="QuickGELU activations (OpenAI CLIP weights)")
+    num_centers: int = Field(8, ge=1, description="learnable centers G")
+    group_layer: int | None = Field(
+        None, ge=1, description="vision blocks before the group module; null = depth - 2"
+    )
+    cross_attention_blocks: int = Field(2, ge=1)
+    gumbel_tau: float = Field(0.9, gt=0)
+    reconstruction_keep_ratio: float = Field(
+        0.25, gt=0, lt=1, description="share of the 1 + N tokens kept by the masked pass"
+    )
+    reconstruction_blocks: int = Field(2, ge=1)
+    decoder_width: int = Field(384, ge=8)
+    decoder_depth: int = Field(3, ge=1)
+    decoder_heads: int = Field(8, ge=1)
+    caption_tokens: int = Field(30, ge=1, le=75, description="BPE tokens kept per caption")
+
+    @model_validator(mode="after")
+    def _check_architecture(self) -> ModelConfig:
+        # Imported here: open_clip pulls in torch, which the config layer avoids.
+        from segclip.model.architecture import describe_clip
+
+        arch = describe_clip(self.clip_model)
+        if self.group_layer is not None and self.group_layer > arch.vision_layers:
+            raise ValueError(
+                f"group_layer={self.group_layer} is past the last vision block of "
+                f"{self.clip_model} ({arch.vision_layers} blocks); use 1..{arch.vision_layers}"
+            )
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(
+                f"decoder_width={self.decoder_width} is not divisible by "
+                f"decoder_heads={self.decoder_heads}"
+            )
+        return self
+
+
+class LossConfig(_Section):
+    """Loss weights and variants (METHOD.md section 3)."""
+
+    contrastive_weight: float = Field(1.0, ge=0)
+    superpixel_kl_weight: float = Field(1.0, ge=0)
+    reconstruction_weight: float = Field(1.0, ge=0)
+    kl_form: Literal["reference", "plain"] = "reference"
+
+
+class DataConfig(_Section):
+    """Superpixels and training augmentation (METHOD.md section 4)."""
+
+    superpixel_method: Literal["felzenszwalb", "slic"] = "felzenszwalb"
+    felzenszwalb_scale: float = Field(224.0, gt=0)
+    felzenszwalb_sigma: float = Field(0.9, ge=0)
+    felzenszwalb_min_size: int = Field(224, ge=1)
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    patch_label: Literal["mean", "majority"] = "mean"
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DataConfig:
+        for name in ("crop_scale", "crop_ratio"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(
+                    f"{name} must be (low, high) with 0 < low <= high, got {low, high}"
+                )
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation recipe (METHOD.md section 5)."""
+
+    global_batch_size: int = Field(768, ge=1)
+    epochs: int = Field(10, ge=1)
+    lr_new: float = Field(4e-3, gt=0, description="group module, reconstruction, late blocks")
+    lr_pretrained: float = Field(4e-6, ge=0, description="early vision blocks, text tower")
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    grad_clip_norm: float = Field(1.0, gt=0)
+    warmup_fraction: float = Field(0.15, ge=0, lt=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    """Zero-shot segmentation protocol (METHOD.md section 6)."""
+
+    short_side: int = Field(224, ge=16)
+    window: int = Field(224, ge=16)
+    stride: int = Field(224, ge=1)
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    prior_top_k: int = Field(5, ge=1)
+    background_thresholds: dict[str, float] = {"voc": 0.80, "context": 0.25, "coco_object": 0.65}
+
+
+class SegCLIPConfig(_Section):
+    """The whole resolved configuration of a run."""
+
+    profile: str = "paper"
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def _read_profile(profile: str | Path) -> tuple[str, dict[str, Any]]:
+    path = Path(profile)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILE_DIR / f"{profile}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown profile {str(profile)!r}: choose one of {available_profiles()} "
+                "or pass the path of a YAML file"
+            )
+    elif not path.is_file():
+        raise ConfigError(f"profile file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"profile {path} must hold a mapping of sections, not {type(data).__name__}"
+        )
+    data.setdefault("profile", path.stem)
+    return path.stem, data
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`4`, `true`, `[1, 2]`)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {name!r} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(raw)
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "<root>"
+        given = f" (got {item['input']!r})" if item["type"] != "missing" else ""
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown field{given}; check the spelling or remove it")
+        else:
+            lines.append(f"{where}: {item['msg']}{given}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(tree: Mapping[str, Any]) -> SegCLIPConfig:
+    """Validate a nested dict into a config, with errors that name each bad field."""
+    try:
+        return SegCLIPConfig.model_validate(dict(tree))
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def load_config(profile: str | Path = "paper", overrides: Sequence[str] = ()) -> SegCLIPConfig:
+    """Resolve a profile name or YAML path plus dotted overrides into a validated config."""
+    _, tree = _read_profile(profile)
+    for override in overrides:
+        apply_override(tree, override)
+    return build_config(tree)
+
+
+def config_to_yaml(config: SegCLIPConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,132 @@
+"""SegCLIP's three losses as pure functions of tensors (METHOD.md section 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+
+from segclip.config import LossConfig
+from segclip.model.segclip import TrainOutputs
+
+
+def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' features concatenated in rank order (gradients flow back), and this rank.
+
+    Without an initialised process group this is the identity on rank 0.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, 0
+    return torch.cat(dist_fn.all_gather(features), dim=0), dist.get_rank()
+
+
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's pairs against every rank's (normalised) features.
+
+    Same semantics as open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)`;
+    every rank must hold the same number of pairs.
+    """
+    all_images, rank = gather_with_grad(image_features)
+    all_texts, _ = gather_with_grad(text_features)
+    labels = torch.arange(image_features.shape[0], device=image_features.device)
+    labels = labels + rank * image_features.shape[0]
+    logits_per_image = logit_scale * image_features @ all_texts.T
+    logits_per_text = logit_scale * text_features @ all_images.T
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
+
+
+def superpixel_pseudo_labels(assign: torch.Tensor, superpixel_ids: torch.Tensor) -> torch.Tensor:
+    """P (B, N, G): the share of each patch's superpixel that every center holds.
+
+    `assign` (B, N, G) is the straight-through hard assignment, `superpixel_ids`
+    (B, N) the superpixel id of each patch.
+    """
+    same = (superpixel_ids.unsqueeze(2) == superpixel_ids.unsqueeze(1)).to(assign.dtype)
+    return same @ assign / same.sum(dim=-1, keepdim=True).clamp(min=1)
+
+
+def _kl_reference(pseudo: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """[ref] Symmetric KL between softmax(P) and softmax(H), summed, over B*N*G."""
+    log_p = pseudo.log_softmax(dim=-1)
+    log_h = assign.log_softmax(dim=-1)
+    kl_ph = (log_p.exp() * (log_p - log_h)).sum()
+    kl_hp = (log_h.exp() * (log_h - log_p)).sum()
+    return 0.5 * (kl_ph + kl_hp) / assign.numel()
+
+
+PLAIN_KL_SMOOTHING = 0.05
+
+
+def _kl_plain(pseudo: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+    """[fix] Symmetric KL of P and H as the distributions they already are, mean over patches.
+
+    H is one-hot, so both sides are smoothed towards uniform by PLAIN_KL_SMOOTHING
+    to keep the logarithms finite and the gradients bounded.
+    """
+    num_centers = assign.shape[-1]
+    p = (1 - PLAIN_KL_SMOOTHING) * pseudo + PLAIN_KL_SMOOTHING / num_centers
+    h = (1 - PLAIN_KL_SMOOTHING) * assign + PLAIN_KL_SMOOTHING / num_centers
+    kl = (p * (p.log() - h.log())).sum(-1) + (h * (h.log() - p.log())).sum(-1)
+    return 0.5 * kl.mean()
+
+
+KL_FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "reference": _kl_reference,
+    "plain": _kl_plain,
+}
+
+
+def superpixel_kl_loss(
+    assign: torch.Tensor, superpixel_ids: torch.Tensor, form: str = "reference"
+) -> torch.Tensor:
+    """KL between each patch's assignment (B, N, G) and its superpixel's pseudo-label.
+
+    Neither side is detached: the loss pulls patches of one superpixel together.
+    """
+    if form not in KL_FORMS:
+        raise ValueError(f"unknown kl_form {form!r}; choose one of {sorted(KL_FORMS)}")
+    return KL_FORMS[form](superpixel_pseudo_labels(assign, superpixel_ids), assign)
+
+
+def reconstruction_loss(
+    prediction: torch.Tensor, target: torch.Tensor, masked: torch.Tensor
+) -> torch.Tensor:
+    """MSE per patch (mean over its values), averaged over the masked patches only."""
+    per_patch = (prediction - target).pow(2).mean(dim=-1)
+    weights = masked.to(per_patch.dtype)
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1)
+
+
+@dataclass
+class LossTerms:
+    total: torch.Tensor
+    contrastive: torch.Tensor
+    superpixel_kl: torch.Tensor
+    reconstruction: torch.Tensor
+
+    def to_floats(self) -> dict[str, float]:
+        """Detached scalars keyed `loss/<term>`, for logging."""
+        return {f"loss/{name}": value.item() for name, value in vars(self).items()}
+
+
+def segclip_loss(
+    outputs: TrainOutputs, superpixel_ids: torch.Tensor, config: LossConfig
+) -> LossTerms:
+    """L = w_con L_con + w_kl L_kl + w_rec L_rec, with each term kept for logging."""
+    con = contrastive_loss(outputs.image_features, outputs.text_features, outputs.logit_scale)
+    kl = superpixel_kl_loss(outputs.hard_assign, superpixel_ids, config.kl_form)
+    rec = reconstruction_loss(outputs.reconstruction, outputs.target, outputs.masked)
+    total = (
+        config.contrastive_weight * con
+        + config.superpixel_kl_weight * kl
+        + config.reconstruction_weight * rec
+    )
+    return LossTerms(total=total, contrastive=con, superpixel_kl=kl, reconstruction=rec)
