@@ -130,11 +130,11 @@ class SegCLIPConfig(_Section):
     """The whole resolved configuration of a run."""
 
     profile: str = "paper"
-    model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def available_profiles() -> list[str]:

@@ -153,11 +153,14 @@ def load_reference_checkpoint(path: str | Path, config: ModelConfig | None = Non
     config = (config or reference_model_config(state_dict)).model_copy(update={"pretrained": None})
     model = build_model(config)
     converted = convert_reference_state_dict(state_dict, model.group_layer)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    problem = f"{path} does not fit the {config.clip_model} SegCLIP architecture"
+    try:
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise ValueError(f"{problem}: {error}") from None
     if missing or unexpected:
         raise ValueError(
-            f"{path} does not fit the {config.clip_model} SegCLIP architecture: "
-            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+            f"{problem}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
         )
     return model
 

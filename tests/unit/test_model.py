@@ -1,0 +1,107 @@
+import open_clip
+import pytest
+import torch
+
+from segclip.losses import segclip_loss
+from segclip.model import CaptionTokenizer, VisionMode, freeze_parameters
+
+
+def test_shapes_of_the_three_vision_modes(tiny_model, tiny_images):
+    batch, centers = tiny_images.shape[0], tiny_model.group.num_centers
+    embed = tiny_model.clip.visual.proj.shape[1]
+    num_patches = tiny_model.grid[0] * tiny_model.grid[1]
+    for mode, patches in [
+        (VisionMode.TRAIN, num_patches),
+        (VisionMode.INFER, num_patches),
+        (VisionMode.MASKED, tiny_model.num_visible_patches),
+    ]:
+        out = tiny_model.encode_image(tiny_images, mode=mode)
+        assert out.embedding.shape == (batch, embed)
+        assert out.center_embeddings.shape == (batch, centers, embed)
+        assert out.soft_assign.shape == out.hard_assign.shape == (batch, centers, patches)
+        assert out.patch_index.shape == (batch, patches)
+    # [ref]: int(0.25 * (1 + 64)) = 16 tokens, CLS included, so 15 patches.
+    assert tiny_model.num_visible_patches == 15
+
+
+def test_image_token_is_the_max_over_center_tokens(tiny_model, tiny_images):
+    visual = tiny_model.clip.visual
+    out = tiny_model.encode_image(tiny_images, VisionMode.INFER)
+    z = out.center_tokens
+    for block in tiny_model.late_blocks:
+        z = block(z)
+    expected = visual.ln_post(z.max(dim=1).values) @ visual.proj
+    torch.testing.assert_close(out.embedding, expected)
+
+
+def test_masked_pass_encodes_distinct_random_patches(tiny_model, tiny_images):
+    out = tiny_model.encode_image(tiny_images, VisionMode.MASKED)
+    for row in out.patch_index:
+        assert len(set(row.tolist())) == row.numel() == tiny_model.num_visible_patches
+    assert int(out.patch_index.max()) < tiny_model.grid[0] * tiny_model.grid[1]
+
+
+def test_inference_interpolates_positions_for_other_sizes_but_training_refuses(tiny_model):
+    images = torch.randn(1, 3, 160, 224)
+    out = tiny_model.encode_image(images, VisionMode.INFER)
+    assert out.grid == (10, 14)
+    assert out.soft_assign.shape == (1, tiny_model.group.num_centers, 140)
+    with pytest.raises(ValueError, match="train mode needs the training grid"):
+        tiny_model.encode_image(images, VisionMode.TRAIN)
+    with pytest.raises(ValueError, match="is not a valid VisionMode"):
+        tiny_model.encode_image(images, mode="guess")
+
+
+def test_outputs_do_not_depend_on_batch_partners(tiny_model, tiny_images):
+    """The released code mixed images inside the cross-attention when batch > 1."""
+    tiny_model.eval()
+    alone = tiny_model.encode_image(tiny_images[:1], VisionMode.INFER)
+    together = tiny_model.encode_image(tiny_images, VisionMode.INFER)
+    shuffled = tiny_model.encode_image(tiny_images.flip(0), VisionMode.INFER)
+    torch.testing.assert_close(together.embedding[:1], alone.embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(shuffled.embedding[-1:], alone.embedding, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(together.soft_assign[:1], alone.soft_assign, rtol=1e-5, atol=1e-5)
+
+
+def test_text_encoder_matches_open_clip_and_ignores_padding(tiny_model, tiny_config):
+    tokenizer = CaptionTokenizer(tiny_config.model)
+    captions = ["a red square left of a blue circle", "two green triangles"]
+    short = tokenizer(captions)
+    padded = open_clip.tokenize(captions)  # 77 tokens, as open_clip encodes them
+    expected = tiny_model.clip.encode_text(padded)
+    torch.testing.assert_close(tiny_model.encode_text(short), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny_model.encode_text(padded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_captions_are_truncated_to_30_tokens_plus_start_and_end(tiny_config):
+    tokens = CaptionTokenizer(tiny_config.model)(["word " * 100])
+    assert tokens.shape == (1, 32)
+    sot, eot = open_clip.tokenize([""])[0, :2].tolist()
+    assert tokens[0, 0] == sot and tokens[0, -1] == eot
+    assert (tokens[0] != 0).all()
+
+
+def test_training_step_reaches_every_trainable_part(tiny_model, tiny_images, tiny_config):
+    freeze_parameters(tiny_model)
+    tokens = CaptionTokenizer(tiny_config.model)(["a photo"] * tiny_images.shape[0])
+    out = tiny_model(tiny_images, tokens)
+    num_patches = tiny_model.grid[0] * tiny_model.grid[1]
+    assert out.hard_assign.shape == (3, num_patches, tiny_model.group.num_centers)
+    assert out.reconstruction.shape == out.target.shape == (3, num_patches, 16 * 16 * 3)
+    assert out.masked.sum(dim=1).tolist() == [num_patches - tiny_model.num_visible_patches] * 3
+    superpixels = torch.arange(num_patches).div(8, rounding_mode="floor").expand(3, -1)
+    segclip_loss(out, superpixels, tiny_config.loss).total.backward()
+    no_grad = [
+        name
+        for name, p in tiny_model.named_parameters()
+        if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)
+    ]
+    assert no_grad == []
+    assert tiny_model.clip.visual.conv1.weight.grad is None
+
+
+def test_logit_scale_is_clamped_to_100(tiny_model):
+    tiny_model.clip.logit_scale.data.fill_(10.0)
+    assert tiny_model.logit_scale().item() == pytest.approx(100.0)
+    tiny_model.clamp_logit_scale()
+    assert tiny_model.clip.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
