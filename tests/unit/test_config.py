@@ -17,7 +17,9 @@ def test_profiles_resolve_to_the_reference_recipe():
 
 
 def test_dotted_overrides_are_parsed_as_yaml():
-    config = load_config("tiny", ["model.num_centers=4", "train.betas=[0.8, 0.9]", "loss.kl_form=plain"])
+    config = load_config(
+        "tiny", ["model.num_centers=4", "train.betas=[0.8, 0.9]", "loss.kl_form=plain"]
+    )
     assert config.model.num_centers == 4
     assert config.train.betas == (0.8, 0.9)
     assert config.loss.kl_form == "plain"
@@ -49,7 +51,7 @@ def test_invalid_values_name_the_field(override, expected):
 
 
 def test_malformed_override_and_unknown_profile():
-    with pytest.raises(ConfigError, match="must look like section.field=value"):
+    with pytest.raises(ConfigError, match=r"must look like section\.field=value"):
         load_config("tiny", ["model.num_centers"])
     with pytest.raises(ConfigError, match=r"unknown profile 'huge': choose one of \[.*'tiny'"):
         load_config("huge")

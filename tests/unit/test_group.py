@@ -33,7 +33,9 @@ def test_grouped_linear_matches_a_grouped_convolution():
 
 def test_gradients_reach_the_centers_through_the_hard_assignment():
     torch.manual_seed(0)
-    group = SemanticGroup(width=32, heads=2, num_centers=4, cross_attention_blocks=2, gumbel_tau=0.9)
+    group = SemanticGroup(
+        width=32, heads=2, num_centers=4, cross_attention_blocks=2, gumbel_tau=0.9
+    )
     tokens = torch.randn(2, 10, 32)
     out, assignment = group(tokens, stochastic=True)
     assert out.shape == (2, 4, 32)
@@ -45,7 +47,9 @@ def test_gradients_reach_the_centers_through_the_hard_assignment():
 
 def test_inference_assignment_is_the_argmax_of_the_soft_map():
     torch.manual_seed(0)
-    group = SemanticGroup(width=32, heads=2, num_centers=4, cross_attention_blocks=1, gumbel_tau=0.9)
+    group = SemanticGroup(
+        width=32, heads=2, num_centers=4, cross_attention_blocks=1, gumbel_tau=0.9
+    )
     tokens = torch.randn(3, 10, 32)
     _, first = group(tokens, stochastic=False)
     _, second = group(tokens, stochastic=False)

@@ -63,7 +63,9 @@ def test_kl_is_zero_when_superpixels_agree_and_flows_to_both_sides():
 
 
 def test_unknown_kl_form_is_rejected():
-    with pytest.raises(ValueError, match=r"unknown kl_form 'fancy'; choose one of \['plain', 'reference'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown kl_form 'fancy'; choose one of \['plain', 'reference'\]"
+    ):
         superpixel_kl_loss(ASSIGN, SUPERPIXELS, "fancy")
 
 

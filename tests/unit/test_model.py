@@ -104,4 +104,6 @@ def test_logit_scale_is_clamped_to_100(tiny_model):
     tiny_model.clip.logit_scale.data.fill_(10.0)
     assert tiny_model.logit_scale().item() == pytest.approx(100.0)
     tiny_model.clamp_logit_scale()
-    assert tiny_model.clip.logit_scale.item() == pytest.approx(torch.log(torch.tensor(100.0)).item())
+    assert tiny_model.clip.logit_scale.item() == pytest.approx(
+        torch.log(torch.tensor(100.0)).item()
+    )
