@@ -1,0 +1,1 @@
+"""Data: superpixels, patch labels and the built-in demo scenes."""

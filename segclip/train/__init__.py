@@ -1,0 +1,6 @@
+"""Optimisation: AdamW with the recipe's groups, warmup + cosine, one shared training step."""
+
+from segclip.train.optim import build_optimizer, build_scheduler, warmup_cosine
+from segclip.train.step import Batch, TrainStep
+
+__all__ = ["Batch", "TrainStep", "build_optimizer", "build_scheduler", "warmup_cosine"]
