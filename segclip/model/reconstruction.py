@@ -72,8 +72,10 @@ class PixelDecoder(nn.Module):
         x = self.embed(torch.cat([summary, tokens], dim=1))
         batch, width = x.shape[0], x.shape[-1]
         num_patches = self.pos_embed.shape[1] - 1
-        grid_tokens = self.mask_token.expand(batch, num_patches, width).scatter(
-            1, patch_index.unsqueeze(-1).expand(-1, -1, width), x[:, 1:]
+        grid_tokens = (
+            self.mask_token.to(x.dtype)
+            .expand(batch, num_patches, width)
+            .scatter(1, patch_index.unsqueeze(-1).expand(-1, -1, width), x[:, 1:])
         )
         x = torch.cat([x[:, :1], grid_tokens], dim=1) + self.pos_embed
         for block in self.blocks:

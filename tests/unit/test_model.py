@@ -107,3 +107,24 @@ def test_logit_scale_is_clamped_to_100(tiny_model):
     assert tiny_model.clip.logit_scale.item() == pytest.approx(
         torch.log(torch.tensor(100.0)).item()
     )
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_training_step_runs_under_each_precision(tiny_model, tiny_images, tiny_config, precision):
+    from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
+
+    train_config = tiny_config.train.model_copy(update={"precision": precision})
+    optimizer = build_optimizer(tiny_model, train_config)
+    step = TrainStep(
+        tiny_model,
+        optimizer,
+        build_scheduler(optimizer, train_config, 10),
+        tiny_config.loss,
+        train_config,
+    )
+    tokens = CaptionTokenizer(tiny_config.model)(["a photo"] * tiny_images.shape[0])
+    superpixels = torch.zeros(tiny_images.shape[0], 64, dtype=torch.long)
+    before = tiny_model.group.centers.detach().clone()
+    terms = step(Batch(tiny_images, tokens, superpixels))
+    assert torch.isfinite(terms.total)
+    assert not torch.equal(tiny_model.group.centers, before)
