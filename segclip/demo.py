@@ -19,6 +19,7 @@ from tqdm import tqdm
 from segclip.config import SegCLIPConfig
 from segclip.data.scenes import render_scene
 from segclip.data.superpixels import compute_superpixels, patch_superpixel_ids
+from segclip.data.transforms import normalize_images
 from segclip.model import (
     CaptionTokenizer,
     VisionMode,
@@ -28,15 +29,6 @@ from segclip.model import (
 )
 from segclip.model.architecture import describe_clip
 from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
-
-CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-
-
-def normalize_images(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W)."""
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
-    return (tensor - CLIP_MEAN) / CLIP_STD
 
 
 def scene_dataset(config: SegCLIPConfig, num_scenes: int, seed: int) -> Batch:
