@@ -31,12 +31,20 @@ def test_grouped_linear_matches_a_grouped_convolution():
     torch.testing.assert_close(linear(x), expected)
 
 
-def test_gradients_reach_the_centers_through_the_hard_assignment():
+def _group_and_tokens(batch: int, cross_attention_blocks: int):
     torch.manual_seed(0)
     group = SemanticGroup(
-        width=32, heads=2, num_centers=4, cross_attention_blocks=2, gumbel_tau=0.9
+        width=32,
+        heads=2,
+        num_centers=4,
+        cross_attention_blocks=cross_attention_blocks,
+        gumbel_tau=0.9,
     )
-    tokens = torch.randn(2, 10, 32)
+    return group, torch.randn(batch, 10, 32)
+
+
+def test_gradients_reach_the_centers_through_the_hard_assignment():
+    group, tokens = _group_and_tokens(batch=2, cross_attention_blocks=2)
     out, assignment = group(tokens, stochastic=True)
     assert out.shape == (2, 4, 32)
     assert assignment.hard.shape == assignment.soft.shape == (2, 4, 10)
@@ -46,11 +54,7 @@ def test_gradients_reach_the_centers_through_the_hard_assignment():
 
 
 def test_inference_assignment_is_the_argmax_of_the_soft_map():
-    torch.manual_seed(0)
-    group = SemanticGroup(
-        width=32, heads=2, num_centers=4, cross_attention_blocks=1, gumbel_tau=0.9
-    )
-    tokens = torch.randn(3, 10, 32)
+    group, tokens = _group_and_tokens(batch=3, cross_attention_blocks=1)
     _, first = group(tokens, stochastic=False)
     _, second = group(tokens, stochastic=False)
     assert torch.equal(first.hard, second.hard)
