@@ -8,7 +8,6 @@ keys onto this model's names.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from segclip.config import ModelConfig, available_profiles, load_config
+from segclip.io import atomic_path
 from segclip.model.segclip import SegCLIP, build_model
 
 FORMAT_NAME = "segclip"
@@ -30,16 +30,14 @@ def save_checkpoint(model: SegCLIP, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "model_config": model.config.model_dump_json(),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 

@@ -1,0 +1,139 @@
+"""The stage contract of ARCHITECTURE.md: keyed output folders and atomic manifests.
+
+A stage writes under `<workdir>/<stage>/<key>/` and finishes by writing
+`manifest.json` there. The key digests the stage's resolved config and its
+inputs' manifest digests, so an identical rerun finds a finished manifest and
+skips, while any config or upstream change gets a fresh folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from segclip.io import atomic_path
+
+MANIFEST_NAME = "manifest.json"
+KEY_LENGTH = 16
+TRACKED_PACKAGES = (
+    "segclip",
+    "torch",
+    "open_clip_torch",
+    "ray",
+    "img2dataset",
+    "webdataset",
+    "scikit-image",
+    "mlflow",
+    "prefect",
+)
+
+
+class InputRef(BaseModel):
+    """An upstream stage output this stage read, pinned by its manifest digest."""
+
+    path: str
+    digest: str
+
+
+class Manifest(BaseModel):
+    """What a finished stage produced and everything needed to reproduce it."""
+
+    stage: str
+    key: str
+    config: dict[str, Any]
+    inputs: list[InputRef] = Field(default_factory=list)
+    counts: dict[str, int] = Field(default_factory=dict)
+    failures: dict[str, int] = Field(default_factory=dict, description="failed samples by reason")
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+    versions: dict[str, str] = Field(default_factory=dict)
+    code_revision: str = "unknown"
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+
+def json_digest(value: Any) -> str:
+    """sha256 of canonical JSON: the same data gives the same digest in any process."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stage_key(config: Mapping[str, Any], inputs: Sequence[InputRef]) -> str:
+    """Digest of the resolved stage config and the ordered input digests."""
+    return json_digest({"config": config, "inputs": [i.digest for i in inputs]})[:KEY_LENGTH]
+
+
+def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
+    return Path(workdir) / stage / key
+
+
+def read_manifest(output_dir: str | Path) -> Manifest | None:
+    """The finished stage's manifest, or None while the stage has not finished."""
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValueError as error:
+        raise ValueError(
+            f"{path} is not a valid stage manifest ({error}); delete it to rerun the stage"
+        ) from None
+
+
+def write_manifest(output_dir: str | Path, manifest: Manifest) -> InputRef:
+    """Atomically write the manifest; the returned ref is what downstream stages key on."""
+    path = Path(output_dir) / MANIFEST_NAME
+    with atomic_path(path) as tmp:
+        tmp.write_text(manifest.model_dump_json(indent=2))
+    return manifest_ref(output_dir)
+
+
+def manifest_ref(output_dir: str | Path) -> InputRef:
+    """Ref to a finished stage's output, for the stage that reads it."""
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no finished stage output at {output_dir} (missing {MANIFEST_NAME}); "
+            "run that stage first"
+        )
+    return InputRef(path=str(Path(output_dir)), digest=file_digest(path))
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def code_revision() -> str:
+    """Git commit of the code that ran, with `-dirty` for uncommitted changes; else `unknown`."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=here, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
+    try:
+        revision = git("rev-parse", "HEAD")
+        return revision + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from segclip.io import atomic_path
+from segclip.stage import (
+    InputRef,
+    Manifest,
+    code_revision,
+    json_digest,
+    manifest_ref,
+    package_versions,
+    read_manifest,
+    stage_dir,
+    stage_key,
+    write_manifest,
+)
+
+
+def test_key_depends_on_config_and_inputs_only():
+    config = {"method": "felzenszwalb", "scale": 224}
+    upstream = [InputRef(path="/a", digest="d1")]
+    key = stage_key(config, upstream)
+    assert len(key) == 16
+    assert stage_key({"scale": 224, "method": "felzenszwalb"}, [InputRef(path="/b", digest="d1")]) == key
+    assert stage_key({**config, "scale": 100}, upstream) != key
+    assert stage_key(config, [InputRef(path="/a", digest="d2")]) != key
+    assert json_digest({"b": 1, "a": 2}) == json_digest({"a": 2, "b": 1})
+
+
+def test_manifest_round_trip_and_downstream_ref(tmp_path):
+    out = stage_dir(tmp_path, "superpixels", "abc123")
+    assert read_manifest(out) is None
+    with pytest.raises(FileNotFoundError, match="run that stage first"):
+        manifest_ref(out)
+    manifest = Manifest(
+        stage="superpixels",
+        key="abc123",
+        config={"scale": 224},
+        counts={"samples": 10},
+        failures={"undecodable image": 1},
+        versions=package_versions(),
+        code_revision=code_revision(),
+    )
+    ref = write_manifest(out, manifest)
+    assert read_manifest(out) == manifest
+    assert ref == manifest_ref(out) and ref.path == str(out)
+    assert "torch" in manifest.versions and "segclip" in manifest.versions
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+    write_manifest(out, manifest.model_copy(update={"counts": {"samples": 11}}))
+    assert manifest_ref(out).digest != ref.digest
+
+
+def test_corrupt_manifest_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": "ingest"}))
+    with pytest.raises(ValueError, match=r"(?s)manifest.json is not a valid stage manifest .* delete it"):
+        read_manifest(tmp_path)
+
+
+def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
