@@ -41,3 +41,45 @@ def test_scenes_are_deterministic_and_captions_name_their_objects():
     assert np.array_equal(first.image, again.image) and first.caption == again.caption
     present = {CATEGORIES[k - 1] for k in np.unique(first.class_map) if k}
     assert present and all(name in first.caption for name in present)
+
+
+def test_paired_crop_keeps_image_and_labels_aligned():
+    from PIL import Image
+
+    from segclip.data.augment import paired_random_resized_crop
+
+    # A 4x4 checkerboard of 40 px blocks: block k has label k and a colour made from k.
+    labels = np.kron(np.arange(16, dtype=np.int32).reshape(4, 4), np.ones((40, 40), dtype=np.int32))
+    palette = np.stack(
+        [np.arange(16) * 15, 255 - np.arange(16) * 15, (np.arange(16) * 97) % 256], 1
+    )
+    image = Image.fromarray(palette[labels].astype(np.uint8))
+    torch.manual_seed(0)
+    for _ in range(5):
+        crop, crop_labels = paired_random_resized_crop(
+            image, labels, 64, (0.3, 1.0), (3 / 4, 4 / 3)
+        )
+        pixels = np.asarray(crop).astype(int)
+        assert crop.size == (64, 64) and crop_labels.shape == (64, 64)
+        lab = crop_labels.numpy()
+        # Away from block borders (where bicubic blends colours) colour and label agree.
+        inner = np.ones_like(lab, dtype=bool)
+        for dy in (-2, -1, 0, 1, 2):
+            for dx in (-2, -1, 0, 1, 2):
+                inner[2:-2, 2:-2] &= lab[2:-2, 2:-2] == lab[2 + dy : 62 + dy, 2 + dx : 62 + dx]
+        inner[:2], inner[-2:], inner[:, :2], inner[:, -2:] = False, False, False, False
+        assert inner.sum() > 500
+        assert np.abs(pixels[inner] - palette[lab[inner]]).max() <= 3
+
+
+def test_paired_crop_rejects_a_label_map_of_another_size():
+    from PIL import Image
+
+    from segclip.data.augment import paired_random_resized_crop
+
+    with pytest.raises(
+        ValueError, match=r"label map \(10, 10\) does not match the image \(20, 20\)"
+    ):
+        paired_random_resized_crop(
+            Image.new("RGB", (20, 20)), np.zeros((10, 10)), 8, (0.5, 1), (1, 1)
+        )

@@ -22,7 +22,10 @@ def test_key_depends_on_config_and_inputs_only():
     upstream = [InputRef(path="/a", digest="d1")]
     key = stage_key(config, upstream)
     assert len(key) == 16
-    assert stage_key({"scale": 224, "method": "felzenszwalb"}, [InputRef(path="/b", digest="d1")]) == key
+    assert (
+        stage_key({"scale": 224, "method": "felzenszwalb"}, [InputRef(path="/b", digest="d1")])
+        == key
+    )
     assert stage_key({**config, "scale": 100}, upstream) != key
     assert stage_key(config, [InputRef(path="/a", digest="d2")]) != key
     assert json_digest({"b": 1, "a": 2}) == json_digest({"a": 2, "b": 1})
@@ -53,7 +56,9 @@ def test_manifest_round_trip_and_downstream_ref(tmp_path):
 
 def test_corrupt_manifest_names_the_file_and_the_fix(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"stage": "ingest"}))
-    with pytest.raises(ValueError, match=r"(?s)manifest.json is not a valid stage manifest .* delete it"):
+    with pytest.raises(
+        ValueError, match=r"(?s)manifest.json is not a valid stage manifest .* delete it"
+    ):
         read_manifest(tmp_path)
 
 

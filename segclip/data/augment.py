@@ -1,0 +1,41 @@
+"""Paired augmentation: one RandomResizedCrop box for an image and its label map (METHOD.md 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+
+def nearest_resized_crop(
+    labels: np.ndarray, top: int, left: int, height: int, width: int, size: int
+) -> np.ndarray:
+    """Crop a label map and resize it to size x size by nearest pixel centre, any int dtype.
+
+    Output pixel i samples source row `top + floor((i + 0.5) * height / size)`, the
+    centre convention PIL's resampling uses, so labels stay aligned with the image.
+    """
+    rows = top + np.minimum(((np.arange(size) + 0.5) * height / size).astype(np.int64), height - 1)
+    cols = left + np.minimum(((np.arange(size) + 0.5) * width / size).astype(np.int64), width - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def paired_random_resized_crop(
+    image: Image.Image,
+    labels: np.ndarray,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[Image.Image, torch.Tensor]:
+    """Crop image and label map with the same random box; image bicubic, labels nearest."""
+    if labels.shape != (image.height, image.width):
+        raise ValueError(
+            f"label map {labels.shape} does not match the image ({image.height}, {image.width})"
+        )
+    top, left, height, width = RandomResizedCrop.get_params(image, list(scale), list(ratio))
+    crop = TF.resized_crop(
+        image, top, left, height, width, [size, size], interpolation=InterpolationMode.BICUBIC
+    )
+    return crop, torch.from_numpy(nearest_resized_crop(labels, top, left, height, width, size))
