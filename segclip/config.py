@@ -141,7 +141,7 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
-def _read_profile(profile: str | Path) -> tuple[str, dict[str, Any]]:
+def _read_profile(profile: str | Path) -> dict[str, Any]:
     path = Path(profile)
     if path.suffix not in (".yaml", ".yml"):
         path = PROFILE_DIR / f"{profile}.yaml"
@@ -158,7 +158,7 @@ def _read_profile(profile: str | Path) -> tuple[str, dict[str, Any]]:
             f"profile {path} must hold a mapping of sections, not {type(data).__name__}"
         )
     data.setdefault("profile", path.stem)
-    return path.stem, data
+    return data
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:
@@ -198,7 +198,7 @@ def build_config(tree: Mapping[str, Any]) -> SegCLIPConfig:
 
 def load_config(profile: str | Path = "paper", overrides: Sequence[str] = ()) -> SegCLIPConfig:
     """Resolve a profile name or YAML path plus dotted overrides into a validated config."""
-    _, tree = _read_profile(profile)
+    tree = _read_profile(profile)
     for override in overrides:
         apply_override(tree, override)
     return build_config(tree)

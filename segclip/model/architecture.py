@@ -20,7 +20,6 @@ def register_model_configs() -> None:
 @dataclass(frozen=True)
 class ClipArchitecture:
     vision_layers: int
-    vision_width: int
     patch_size: int
     image_size: int
 
@@ -42,7 +41,6 @@ def describe_clip(name: str) -> ClipArchitecture:
     image_size = vision.get("image_size", 224)
     return ClipArchitecture(
         vision_layers=vision.get("layers", 12),
-        vision_width=vision.get("width", 768),
         patch_size=vision.get("patch_size", 16),
         image_size=image_size if isinstance(image_size, int) else image_size[0],
     )

@@ -23,9 +23,6 @@ class Batch:
     tokens: torch.Tensor  # (B, L) caption token ids
     superpixels: torch.Tensor  # (B, N) superpixel id of each patch
 
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
-
     def select(self, index: torch.Tensor) -> Batch:
         """The samples at `index` (a subset or a reordering)."""
         return Batch(*(t[index] for t in vars(self).values()))
