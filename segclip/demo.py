@@ -22,26 +22,26 @@ from segclip.data.superpixels import compute_superpixels, patch_superpixel_ids
 from segclip.data.transforms import normalize_images
 from segclip.model import (
     CaptionTokenizer,
+    SegCLIP,
     VisionMode,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from segclip.model.architecture import describe_clip
 from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
 
 
-def scene_dataset(config: SegCLIPConfig, num_scenes: int, seed: int) -> Batch:
+def scene_dataset(config: SegCLIPConfig, model: SegCLIP, num_scenes: int, seed: int) -> Batch:
     """Scenes at the model's input size, with captions and per-patch superpixel ids."""
-    arch = describe_clip(config.model.clip_model)
     rng = np.random.default_rng(seed)
-    scenes = [render_scene(rng, arch.image_size) for _ in range(num_scenes)]
+    size = model.grid[0] * model.patch_size
+    scenes = [render_scene(rng, size) for _ in range(num_scenes)]
     labels = np.stack([compute_superpixels(s.image, config.data) for s in scenes])
     return Batch(
         images=normalize_images(np.stack([s.image for s in scenes])),
         tokens=CaptionTokenizer(config.model)([s.caption for s in scenes]),
         superpixels=patch_superpixel_ids(
-            torch.from_numpy(labels), arch.patch_size, config.data.patch_label
+            torch.from_numpy(labels), model.patch_size, config.data.patch_label
         ),
     )
 
@@ -58,8 +58,8 @@ def run_demo(
     config: SegCLIPConfig, steps: int, batch_size: int, output: Path, num_scenes: int = 128
 ) -> DemoResult:
     torch.manual_seed(config.train.seed)
-    data = scene_dataset(config, num_scenes, seed=config.train.seed)
     model = build_model(config.model)
+    data = scene_dataset(config, model, num_scenes, seed=config.train.seed)
     optimizer = build_optimizer(model, config.train)
     step = TrainStep(
         model, optimizer, build_scheduler(optimizer, config.train, steps), config.loss, config.train

@@ -70,8 +70,7 @@ def straight_through_gumbel(logits: torch.Tensor, tau: float, dim: int) -> torch
     """
     gumbels = -torch.empty_like(logits).exponential_().log()
     soft = ((logits + gumbels) / tau).softmax(dim)
-    hard = torch.zeros_like(soft).scatter_(dim, soft.argmax(dim, keepdim=True), 1.0)
-    return hard + (soft - soft.detach())
+    return argmax_one_hot(soft, dim) + (soft - soft.detach())
 
 
 def argmax_one_hot(logits: torch.Tensor, dim: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ but biases [ref].
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 from torch import nn
 
@@ -50,10 +49,6 @@ def freeze_parameters(model: SegCLIP) -> None:
             param.requires_grad_(False)
 
 
-def _named_trainable(model: SegCLIP) -> Iterator[tuple[str, nn.Parameter]]:
-    return ((n, p) for n, p in model.named_parameters() if p.requires_grad)
-
-
 def parameter_groups(model: SegCLIP, config: TrainConfig) -> list[dict]:
     """Freeze the frozen parameters; return optimiser groups for the rest.
 
@@ -63,7 +58,9 @@ def parameter_groups(model: SegCLIP, config: TrainConfig) -> list[dict]:
     freeze_parameters(model)
     lr = {"new": config.lr_new, "pretrained": config.lr_pretrained}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, param in _named_trainable(model):
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         role = parameter_role(name, model.group_layer)
         groups.setdefault((role, not name.endswith("bias")), []).append(param)
     return [

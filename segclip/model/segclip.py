@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -17,6 +18,7 @@ from segclip.model.group import GroupAssignment, SemanticGroup
 from segclip.model.reconstruction import MaskedReconstruction, patchify
 
 MAX_LOGIT_SCALE = 100.0
+MAX_LOG_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
 
 
 class VisionMode(StrEnum):
@@ -186,7 +188,7 @@ class SegCLIP(nn.Module):
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """Keep exp(s) <= 100; the training loop calls this after each optimiser step."""
-        self.clip.logit_scale.clamp_(max=torch.log(torch.tensor(MAX_LOGIT_SCALE)).item())
+        self.clip.logit_scale.clamp_(max=MAX_LOG_LOGIT_SCALE)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> TrainOutputs:
         """One training step's forward: full pass, masked pass, text; losses are separate."""
