@@ -126,6 +126,71 @@ class EvalConfig(_Section):
     background_thresholds: dict[str, float] = {"voc": 0.80, "context": 0.25, "coco_object": 0.65}
 
 
+class DemoDataConfig(_Section):
+    """The built-in procedural dataset: training scenes and a benchmark drawn from another seed."""
+
+    train_images: int = Field(2000, ge=1)
+    benchmark_images: int = Field(200, ge=1)
+    image_size: int = Field(224, ge=32, description="side of the square generated scenes")
+    seed: int = 0
+    benchmark_seed: int = 1
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> DemoDataConfig:
+        if self.seed == self.benchmark_seed:
+            raise ValueError(
+                f"seed and benchmark_seed are both {self.seed}: the benchmark must not repeat "
+                "the training scenes; choose different seeds"
+            )
+        return self
+
+
+class IngestConfig(_Section):
+    """Where the image-text pairs come from and how they are stored (ingest stage)."""
+
+    source: Literal["demo", "urls", "coco", "shards"] = Field(
+        "demo",
+        description="demo scenes served on 127.0.0.1, a url+caption list, a COCO-2014 "
+        "captions folder, or existing webdataset shards",
+    )
+    path: str | None = Field(
+        None, description="url list file, COCO folder or shard folder (not used by `demo`)"
+    )
+    input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
+    url_column: str = "url"
+    caption_column: str = "caption"
+    coco_splits: tuple[str, ...] = Field(
+        ("train", "restval"), description="Karpathy splits to ingest from a COCO folder"
+    )
+    image_size: int = Field(224, ge=16, description="short side of the stored images")
+    resize_mode: Literal["keep_ratio", "center_crop", "border", "no"] = "keep_ratio"
+    encode_quality: int = Field(95, ge=1, le=100)
+    samples_per_shard: int = Field(10000, ge=1)
+    retries: int = Field(2, ge=0)
+    timeout: int = Field(10, ge=1, description="seconds per download")
+
+    @model_validator(mode="after")
+    def _check_path(self) -> IngestConfig:
+        if self.source != "demo" and not self.path:
+            raise ValueError(
+                f"source={self.source!r} needs ingest.path (the url list, COCO folder or "
+                "shard folder to read)"
+            )
+        return self
+
+
+class RuntimeConfig(_Section):
+    """Where and how wide stages run. Outputs do not depend on it, so stage keys leave it out."""
+
+    workdir: str = Field("workdir", description="root of every stage's output folder")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray"
+    )
+    ingest_processes: int = Field(2, ge=1)
+    ingest_threads: int = Field(32, ge=1)
+    ingest_distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+
+
 class SegCLIPConfig(_Section):
     """The whole resolved configuration of a run."""
 
@@ -135,6 +200,9 @@ class SegCLIPConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
 def available_profiles() -> list[str]:

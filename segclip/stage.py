@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +46,19 @@ class InputRef(BaseModel):
     digest: str
 
 
+class ShardRef(BaseModel):
+    """One output shard: relative to the stage folder, or absolute when adopted in place."""
+
+    path: str
+    samples: int
+
+
+class FailedSample(BaseModel):
+    key: str
+    shard: str
+    reason: str
+
+
 class Manifest(BaseModel):
     """What a finished stage produced and everything needed to reproduce it."""
 
@@ -52,6 +68,8 @@ class Manifest(BaseModel):
     inputs: list[InputRef] = Field(default_factory=list)
     counts: dict[str, int] = Field(default_factory=dict)
     failures: dict[str, int] = Field(default_factory=dict, description="failed samples by reason")
+    failed_samples: list[FailedSample] = Field(default_factory=list)
+    shards: list[ShardRef] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
     versions: dict[str, str] = Field(default_factory=dict)
     code_revision: str = "unknown"
@@ -137,3 +155,75 @@ def code_revision() -> str:
         return revision + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+@dataclass
+class StageOutput:
+    """What a stage body reports; `run_stage` adds the bookkeeping and writes the manifest."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    failed_samples: list[FailedSample] = field(default_factory=list)
+    shards: list[ShardRef] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageResult:
+    output_dir: Path
+    manifest: Manifest
+    skipped: bool
+
+    @property
+    def ref(self) -> InputRef:
+        return manifest_ref(self.output_dir)
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [str(self.output_dir / shard.path) for shard in self.manifest.shards]
+
+
+def load_result(output_dir: str | Path) -> StageResult:
+    """A finished stage's result from its folder, for a stage run on its own later."""
+    manifest_ref(output_dir)  # raises "run that stage first" when it has not finished
+    return StageResult(Path(output_dir), read_manifest(output_dir), skipped=True)
+
+
+def run_stage(
+    stage: str,
+    workdir: str | Path,
+    config: Mapping[str, Any],
+    inputs: Sequence[InputRef],
+    body: Callable[[Path], StageOutput],
+    force: bool = False,
+) -> StageResult:
+    """Run `body` in the stage's keyed folder unless a finished manifest is already there.
+
+    An unfinished folder is handed to `body` as it is, so the body resumes from
+    whatever it completed before; `force` deletes the folder and starts over.
+    """
+    key = stage_key(config, inputs)
+    output_dir = stage_dir(workdir, stage, key)
+    if force and output_dir.exists():
+        shutil.rmtree(output_dir)
+    manifest = read_manifest(output_dir)
+    if manifest is not None:
+        return StageResult(output_dir, manifest, skipped=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    output = body(output_dir)
+    manifest = Manifest(
+        stage=stage,
+        key=key,
+        config=dict(config),
+        inputs=list(inputs),
+        counts=output.counts,
+        failures=output.failures,
+        failed_samples=output.failed_samples,
+        shards=output.shards,
+        timings={**output.timings, "total": time.perf_counter() - start},
+        versions=package_versions(),
+        code_revision=code_revision(),
+    )
+    write_manifest(output_dir, manifest)
+    return StageResult(output_dir, manifest, skipped=False)

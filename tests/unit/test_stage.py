@@ -6,11 +6,15 @@ from segclip.io import atomic_path
 from segclip.stage import (
     InputRef,
     Manifest,
+    ShardRef,
+    StageOutput,
     code_revision,
     json_digest,
+    load_result,
     manifest_ref,
     package_versions,
     read_manifest,
+    run_stage,
     stage_dir,
     stage_key,
     write_manifest,
@@ -70,3 +74,35 @@ def test_atomic_path_leaves_the_old_file_when_the_write_fails(tmp_path):
         raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_run_stage_skips_finished_resumes_unfinished_and_forces(tmp_path):
+    calls = []
+
+    def body(output_dir):
+        calls.append(sorted(p.name for p in output_dir.iterdir()))
+        (output_dir / "part-1.tar").write_text("x")
+        return StageOutput(
+            counts={"samples": 3},
+            shards=[ShardRef(path="part-1.tar", samples=3), ShardRef(path="/data/m.tar", samples=2)],
+        )
+
+    config = {"scale": 1}
+    first = run_stage("demo", tmp_path, config, [], body)
+    assert not first.skipped and calls == [[]]
+    assert first.output_dir == tmp_path / "demo" / stage_key(config, [])
+    assert first.shard_paths == [str(first.output_dir / "part-1.tar"), "/data/m.tar"]
+    assert first.manifest.counts == {"samples": 3} and first.manifest.timings["total"] >= 0
+
+    again = run_stage("demo", tmp_path, config, [], body)
+    assert again.skipped and again.manifest == first.manifest and len(calls) == 1
+    assert load_result(first.output_dir).manifest == first.manifest
+
+    # An interrupted run (no manifest) hands its folder back to the body as it was.
+    (first.output_dir / "manifest.json").unlink()
+    run_stage("demo", tmp_path, config, [], body)
+    assert calls[-1] == ["part-1.tar"]
+    run_stage("demo", tmp_path, config, [], body, force=True)
+    assert calls[-1] == []
+    with pytest.raises(FileNotFoundError, match="run that stage first"):
+        load_result(tmp_path / "demo" / "missing")

@@ -1,0 +1,62 @@
+"""The built-in demo data: captioned training scenes and a VOC-layout benchmark from another seed.
+
+Scene i of a seed depends only on (seed, i), so any subset can be regenerated
+(or generated in parallel) and always matches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from segclip.config import DemoDataConfig
+from segclip.data.scenes import CATEGORIES, Scene, render_scene
+from segclip.data.voc import SPLIT_DIR, mark_borders, write_voc_split
+from segclip.io import atomic_path
+
+DEMO_CLASS_NAMES = ("background", *CATEGORIES)
+CAPTIONS_FILE = "captions.parquet"
+
+
+def demo_scene(seed: int, index: int, size: int) -> Scene:
+    return render_scene(np.random.default_rng([seed, index]), size)
+
+
+def write_demo_source(folder: str | Path, config: DemoDataConfig) -> Path:
+    """Training scenes as PNG files plus a parquet list of (file, caption); skip if complete."""
+    folder = Path(folder)
+    captions = folder / CAPTIONS_FILE
+    if captions.is_file():
+        return captions
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    files, texts = [], []
+    for index in range(config.train_images):
+        scene = demo_scene(config.seed, index, config.image_size)
+        name = f"images/{index:06d}.png"
+        Image.fromarray(scene.image).save(folder / name)
+        files.append(name)
+        texts.append(scene.caption)
+    with atomic_path(captions) as tmp:
+        pq.write_table(pa.table({"file": files, "caption": texts}), tmp)
+    return captions
+
+
+def write_demo_benchmark(root: str | Path, config: DemoDataConfig) -> Path:
+    """The demo segmentation benchmark in the PASCAL VOC layout (val split); skip if complete."""
+    root = Path(root)
+    if (root / SPLIT_DIR / "val.txt").is_file():
+        return root
+    size = config.image_size
+    samples = (
+        (
+            f"demo_{index:06d}",
+            (scene := demo_scene(config.benchmark_seed, index, size)).image,
+            mark_borders(scene.class_map),
+        )
+        for index in range(config.benchmark_images)
+    )
+    return write_voc_split(root, samples, DEMO_CLASS_NAMES)
