@@ -157,6 +157,11 @@ class IngestConfig(_Section):
         None, description="url list file, COCO folder or shard folder (not used by `demo`)"
     )
     input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
+    columns: tuple[str, ...] | None = Field(
+        None,
+        description="names for a csv/tsv list without a header row, in file order "
+        "(CC3M: [caption, url]; CC12M: [url, caption]); null = the first row is the header",
+    )
     url_column: str = "url"
     caption_column: str = "caption"
     coco_splits: tuple[str, ...] = Field(

@@ -84,7 +84,10 @@ def test_run_stage_skips_finished_resumes_unfinished_and_forces(tmp_path):
         (output_dir / "part-1.tar").write_text("x")
         return StageOutput(
             counts={"samples": 3},
-            shards=[ShardRef(path="part-1.tar", samples=3), ShardRef(path="/data/m.tar", samples=2)],
+            shards=[
+                ShardRef(path="part-1.tar", samples=3),
+                ShardRef(path="/data/m.tar", samples=2),
+            ],
         )
 
     config = {"scale": 1}
