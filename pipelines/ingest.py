@@ -27,6 +27,7 @@ from pipelines.ray_runtime import connect
 from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import write_demo_source
 from segclip.data.serve import serve_directory
+from segclip.data.shards import IMAGE_EXTENSIONS
 from segclip.io import atomic_path
 from segclip.stage import (
     InputRef,
@@ -42,7 +43,6 @@ STAGE = "ingest"
 SHARD_DIR = "shards"
 URL_LIST = "urls.parquet"
 KARPATHY_FILE = "dataset_coco.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 # img2dataset's error messages -> failure reasons; the first match wins.
 FAILURE_REASONS: tuple[tuple[re.Pattern[str], str], ...] = (

@@ -4,8 +4,30 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds with a fix, where ray.init would retry an unreachable GCS for minutes."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), PROBE_TIMEOUT_S):
+            return
+    except ValueError:
+        problem = "it is not host:port"
+    except OSError as error:
+        problem = f"nothing answers there: {error}"
+    raise ConnectionError(
+        f"cannot reach the Ray cluster at {address!r} ({problem}); start it (`ray start "
+        "--head` on the head node) or unset runtime.ray_address and RAY_ADDRESS to run on "
+        "a local Ray"
+    )
 
 
 def connect(address: str | None) -> None:
@@ -16,11 +38,5 @@ def connect(address: str | None) -> None:
     if target is None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
         return
-    try:
-        ray.init(address=target, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError) as error:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {target!r} ({error}); start it "
-            "(`ray start --head` on the head node) or unset runtime.ray_address and "
-            "RAY_ADDRESS to run on a local Ray"
-        ) from None
+    _check_reachable(target)
+    ray.init(address=target, logging_level=logging.WARNING)

@@ -83,3 +83,13 @@ def test_paired_crop_rejects_a_label_map_of_another_size():
         paired_random_resized_crop(
             Image.new("RGB", (20, 20)), np.zeros((10, 10)), 8, (0.5, 1), (1, 1)
         )
+
+
+def test_label_maps_round_trip_losslessly_through_16_bit_png():
+    from segclip.data.shards import decode_label_map, encode_label_map
+
+    labels = np.arange(70 * 90, dtype=np.int32).reshape(70, 90) * 10  # ids up to 62990
+    restored = decode_label_map(encode_label_map(labels))
+    assert restored.dtype == np.int32 and np.array_equal(restored, labels)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 65536\)"):
+        encode_label_map(np.array([[0, 65536]]))

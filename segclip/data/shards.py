@@ -1,0 +1,103 @@
+"""Superpixel shards: each ingest sample plus its lossless label map and segment count.
+
+One function turns one input shard into one output shard, so the stage can run
+it in parallel over shards (Ray) and skip shards that already have a report.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from pydantic import BaseModel
+
+from segclip.config import DataConfig
+from segclip.data.superpixels import compute_superpixels
+from segclip.io import atomic_path
+from segclip.stage import FailedSample
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+LABEL_MEMBER = "superpixels.png"  # 16-bit grayscale PNG: lossless and compact
+COUNT_MEMBER = "superpixels.cls"
+MAX_SEGMENTS = np.iinfo(np.uint16).max + 1
+
+
+class ShardReport(BaseModel):
+    """Written beside a finished output shard; its presence marks the shard done."""
+
+    samples: int
+    failed: list[FailedSample]
+    seconds: float
+
+
+def report_path(shard: str | Path) -> Path:
+    return Path(shard).with_suffix(".report.json")
+
+
+def encode_label_map(labels: np.ndarray) -> bytes:
+    if labels.max(initial=0) >= MAX_SEGMENTS or labels.min(initial=0) < 0:
+        raise ValueError(f"label ids must lie in [0, {MAX_SEGMENTS}) to fit a 16-bit PNG")
+    buffer = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint16)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_label_map(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data))).astype(np.int32)
+
+
+def image_member(sample: dict) -> str | None:
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class UnusableSample(Exception):
+    """A sample the stage leaves out; the message is the reason recorded in the manifest."""
+
+
+def _superpixel_members(sample: dict, config: DataConfig) -> dict[str, bytes | str]:
+    """The members to add to one sample."""
+    extension = image_member(sample)
+    if extension is None:
+        raise UnusableSample("missing_image")
+    try:
+        image = decode_rgb(sample[extension])
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        raise UnusableSample("undecodable_image") from None
+    labels = compute_superpixels(image, config)
+    segments = int(labels.max()) + 1
+    if segments > MAX_SEGMENTS:
+        raise UnusableSample("too_many_segments")
+    return {LABEL_MEMBER: encode_label_map(labels), COUNT_MEMBER: str(segments)}
+
+
+def superpixel_shard(source: str, target: str | Path, config: DataConfig) -> ShardReport:
+    """Copy every member of every sample of `source` and add its superpixel map and count.
+
+    Samples that cannot be used are left out and reported with their key and reason;
+    the shard and then its report are written atomically.
+    """
+    start = time.perf_counter()
+    failed, written = [], 0
+    with atomic_path(target) as tmp, wds.TarWriter(str(tmp)) as sink:
+        for sample in wds.WebDataset(source, shardshuffle=False, empty_check=False):
+            try:
+                extra = _superpixel_members(sample, config)
+            except UnusableSample as reason:
+                failed.append(FailedSample(key=sample["__key__"], shard=source, reason=str(reason)))
+                continue
+            members = {k: v for k, v in sample.items() if not k.startswith("__")}
+            sink.write({"__key__": sample["__key__"], **members, **extra})
+            written += 1
+    report = ShardReport(samples=written, failed=failed, seconds=time.perf_counter() - start)
+    with atomic_path(report_path(target)) as tmp:
+        tmp.write_text(report.model_dump_json())
+    return report
