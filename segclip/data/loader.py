@@ -1,0 +1,151 @@
+"""Training loader: superpixel shards -> Batch(images, caption tokens, patch superpixel ids).
+
+Shards are split by rank (strided) and then by loader worker, so in epoch mode
+every sample is read exactly once per epoch by exactly one (rank, worker). In
+resampled mode each (rank, worker) draws shards with replacement from its
+rank's share, an endless stream for step-based training.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator, Sequence
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from segclip.config import SegCLIPConfig
+from segclip.data.augment import paired_random_resized_crop
+from segclip.data.shards import LABEL_MEMBER, decode_label_map, image_member
+from segclip.data.superpixels import patch_superpixel_ids
+from segclip.data.transforms import normalize_images
+from segclip.model.architecture import describe_clip
+from segclip.model.segclip import CaptionTokenizer
+from segclip.train.step import Batch
+
+
+def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
+    if len(shards) < world_size:
+        raise ValueError(
+            f"{len(shards)} shards cannot feed {world_size} training workers; use at most "
+            f"{len(shards)} workers or re-ingest with a smaller ingest.samples_per_shard"
+        )
+    return list(shards[rank::world_size])
+
+
+def batches_per_epoch(
+    shard_samples: Sequence[int], world_size: int, num_workers: int, batch_size: int
+) -> int:
+    """Full batches every rank can deliver in one epoch: the step count that keeps DDP in step."""
+    per_rank = []
+    for rank in range(world_size):
+        mine = shards_for_rank(shard_samples, rank, world_size)
+        workers = max(1, num_workers)
+        per_rank.append(sum(sum(mine[w::workers]) // batch_size for w in range(workers)))
+    return min(per_rank)
+
+
+class RankShards(IterableDataset):
+    """Shard URLs for the current loader worker of one rank, in a seeded order."""
+
+    def __init__(
+        self, shards: Sequence[str], rank: int, world_size: int, resampled: bool, seed: int
+    ) -> None:
+        super().__init__()
+        self.shards = shards_for_rank(shards, rank, world_size)
+        self.rank, self.resampled, self.seed = rank, resampled, seed
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(hash((self.seed, self.rank, worker)))
+        if self.resampled:
+            while True:
+                yield {"url": rng.choice(self.shards)}
+        mine = self.shards[worker::workers]
+        for url in rng.sample(mine, len(mine)):
+            yield {"url": url}
+
+
+class TrainingSample:
+    """Decode, paired crop, patch ids and caption tokens for one shard sample."""
+
+    def __init__(self, config: SegCLIPConfig) -> None:
+        architecture = describe_clip(config.model.clip_model)
+        self.image_size, self.patch_size = architecture.image_size, architecture.patch_size
+        self.model_config, self.data = config.model, config.data
+
+    @cached_property
+    def tokenizer(self) -> CaptionTokenizer:
+        """Built in the worker process on first use rather than pickled into it."""
+        return CaptionTokenizer(self.model_config)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        with Image.open(io.BytesIO(sample[image_member(sample)])) as image:
+            crop, labels = paired_random_resized_crop(
+                image.convert("RGB"),
+                decode_label_map(sample[LABEL_MEMBER]),
+                self.image_size,
+                self.data.crop_scale,
+                self.data.crop_ratio,
+            )
+        return {
+            "__key__": sample["__key__"],
+            "image": np.asarray(crop),
+            "tokens": self.tokenizer(sample["txt"].decode())[0],
+            "superpixels": patch_superpixel_ids(labels, self.patch_size, self.data.patch_label),
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> Batch:
+    return Batch(
+        images=normalize_images(np.stack([s["image"] for s in samples])),
+        tokens=torch.stack([s["tokens"] for s in samples]),
+        superpixels=torch.stack([s["superpixels"] for s in samples]),
+    )
+
+
+def training_samples(
+    shards: Sequence[str],
+    config: SegCLIPConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    resampled: bool = True,
+    shuffle_buffer: int = 1000,
+    epoch: int = 0,
+) -> wds.DataPipeline:
+    """Per-sample stream of one rank; `epoch` reseeds shard order, crops and shuffling."""
+    seed = hash((config.train.seed, epoch))
+    return wds.DataPipeline(
+        RankShards(shards, rank, world_size, resampled, seed),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, seed=hash((seed, rank))),
+        wds.map(TrainingSample(config)),
+    )
+
+
+def training_loader(
+    shards: Sequence[str],
+    config: SegCLIPConfig,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    resampled: bool = True,
+    shuffle_buffer: int = 1000,
+    epoch: int = 0,
+) -> wds.WebLoader:
+    """Batches for one rank; in epoch mode stop after `batches_per_epoch(...)` steps."""
+    pipeline = training_samples(
+        shards, config, rank, world_size, resampled, shuffle_buffer, epoch
+    ).compose(wds.batched(batch_size, collation_fn=collate, partial=False))
+    # Crop boxes come from torch's RNG, which DataLoader seeds differently in each worker.
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

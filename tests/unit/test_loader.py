@@ -1,0 +1,107 @@
+"""The webdataset training loader on superpixel shards written by the stage's shard function."""
+
+import io
+from collections import Counter
+from itertools import islice
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from segclip.data.demo_data import demo_scene
+from segclip.data.loader import (
+    batches_per_epoch,
+    shards_for_rank,
+    training_loader,
+    training_samples,
+)
+from segclip.data.shards import superpixel_shard
+
+SHARD_SIZES = (3, 5, 2, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_config):
+    folder = tmp_path_factory.mktemp("spx")
+    paths, index = [], 0
+    for shard, size in enumerate(SHARD_SIZES):
+        source = folder / f"in-{shard}.tar"
+        with wds.TarWriter(str(source)) as sink:
+            for _ in range(size):
+                scene = demo_scene(9, index, 96 + 8 * (index % 3))  # not the model's input size
+                buffer = io.BytesIO()
+                Image.fromarray(scene.image).save(buffer, format="JPEG")
+                sink.write(
+                    {"__key__": f"k{index:03d}", "jpg": buffer.getvalue(), "txt": scene.caption}
+                )
+                index += 1
+        superpixel_shard(str(source), folder / f"{shard:05d}.tar", tiny_config.data)
+        paths.append(str(folder / f"{shard:05d}.tar"))
+    return paths
+
+
+def keys_read(shards, config, rank, world_size, num_workers):
+    pipeline = training_samples(shards, config, rank, world_size, resampled=False, shuffle_buffer=4)
+    loader = wds.WebLoader(
+        pipeline.compose(wds.map(lambda s: s["__key__"])), batch_size=None, num_workers=num_workers
+    )
+    return list(loader)
+
+
+def test_ranks_and_workers_split_shards_without_overlap_or_loss(shards, tiny_config):
+    every = [f"k{i:03d}" for i in range(sum(SHARD_SIZES))]
+    for world_size, num_workers in [(1, 0), (2, 2), (3, 1)]:
+        read = Counter()
+        for rank in range(world_size):
+            read.update(keys_read(shards, tiny_config, rank, world_size, num_workers))
+        assert sorted(read) == every and set(read.values()) == {1}, (world_size, num_workers)
+    assert shards_for_rank(shards, 1, 2) == [shards[1], shards[3]]
+    with pytest.raises(ValueError, match="5 shards cannot feed 6 training workers; use at most 5"):
+        shards_for_rank(shards, 0, 6)
+
+
+def test_batches_carry_model_inputs_of_the_right_shapes(shards, tiny_config):
+    loader = training_loader(shards, tiny_config, batch_size=4, num_workers=0, resampled=False)
+    batches = list(loader)
+    assert len(batches) == sum(SHARD_SIZES) // 4  # one rank, one worker: partial batch dropped
+    batch = batches[0]
+    assert batch.images.shape == (4, 3, 128, 128) and batch.images.dtype == torch.float32
+    assert -2.0 < batch.images.mean() < 2.0  # CLIP-normalised, not 0..255
+    assert batch.tokens.shape == (4, 32) and batch.tokens.dtype == torch.long
+    assert (batch.tokens[:, 0] == batch.tokens[0, 0]).all()  # start-of-text token first
+    assert batch.superpixels.shape == (4, 64) and batch.superpixels.min() >= 0
+
+
+def test_batches_per_epoch_is_what_every_rank_delivers(shards, tiny_config):
+    # world 2, 2 workers, batch 2: rank 0 holds shards (3, 2, 6) -> workers (3 + 6, 2) -> 4 + 1
+    # batches; rank 1 holds (5, 4) -> workers (5, 4) -> 2 + 2. Every rank can do 4 steps.
+    delivered = [
+        len(
+            list(
+                training_loader(
+                    shards,
+                    tiny_config,
+                    batch_size=2,
+                    rank=rank,
+                    world_size=2,
+                    num_workers=2,
+                    resampled=False,
+                )
+            )
+        )
+        for rank in range(2)
+    ]
+    assert delivered == [5, 4]
+    assert batches_per_epoch(SHARD_SIZES, 2, 2, 2) == min(delivered) == 4
+
+
+def test_resampled_mode_streams_past_the_data_and_ranks_differ(shards, tiny_config):
+    def first_keys(rank):
+        samples = training_samples(shards, tiny_config, rank, 2, resampled=True, shuffle_buffer=2)
+        return [s["__key__"] for s in islice(iter(samples), 40)]
+
+    rank0, rank1 = first_keys(0), first_keys(1)
+    assert len(rank0) == 40 > sum(SHARD_SIZES[0::2])  # endless: more samples than rank 0 holds
+    assert {int(k[1:]) for k in rank0}.isdisjoint({int(k[1:]) for k in rank1})
+    assert first_keys(0) == rank0  # seeded
