@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.ray_runtime import connect
+from pipelines.ray_runtime import connect, ray_address
 from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import write_demo_source
 from segclip.data.serve import serve_directory
@@ -103,7 +103,10 @@ def download(
     import img2dataset  # heavy (pandas, cv2, albumentations): only when downloading
 
     ingest, runtime = config.ingest, config.runtime
-    if runtime.ingest_distributor == "ray":
+    distributor = runtime.ingest_distributor
+    if distributor == "auto":
+        distributor = "ray" if ray_address(runtime.ray_address) else "multiprocessing"
+    if distributor == "ray":
         connect(runtime.ray_address)
     img2dataset.download(
         url_list=str(url_list),
@@ -121,7 +124,7 @@ def download(
         timeout=ingest.timeout,
         processes_count=runtime.ingest_processes,
         thread_count=runtime.ingest_threads,
-        distributor=runtime.ingest_distributor,
+        distributor=distributor,
         incremental_mode="incremental",
         enable_wandb=False,
     )

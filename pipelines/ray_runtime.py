@@ -30,11 +30,16 @@ def _check_reachable(address: str) -> None:
     )
 
 
+def ray_address(configured: str | None) -> str | None:
+    """The cluster to join: the configured address, else RAY_ADDRESS; None means a local Ray."""
+    return configured or os.environ.get("RAY_ADDRESS")
+
+
 def connect(address: str | None) -> None:
     """Connect this process to Ray once; later calls reuse the connection."""
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS")
+    target = ray_address(address)
     if target is None:
         ray.init(include_dashboard=False, logging_level=logging.WARNING)
         return

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from segclip.architecture import describe_clip
+
 PROFILE_DIR = Path(__file__).parent / "configs"
 
 
@@ -51,9 +53,6 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_architecture(self) -> ModelConfig:
-        # Imported here: open_clip pulls in torch, which the config layer avoids.
-        from segclip.model.architecture import describe_clip
-
         arch = describe_clip(self.clip_model)
         if self.group_layer is not None and self.group_layer > arch.vision_layers:
             raise ValueError(
@@ -193,7 +192,9 @@ class RuntimeConfig(_Section):
     )
     ingest_processes: int = Field(2, ge=1)
     ingest_threads: int = Field(32, ge=1)
-    ingest_distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+    ingest_distributor: Literal["auto", "multiprocessing", "ray"] = Field(
+        "auto", description="img2dataset's distributor; auto = ray when a Ray address is set"
+    )
 
 
 class SegCLIPConfig(_Section):

@@ -20,12 +20,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from segclip.architecture import describe_clip
 from segclip.config import SegCLIPConfig
 from segclip.data.augment import paired_random_resized_crop
 from segclip.data.shards import LABEL_MEMBER, decode_label_map, image_member
 from segclip.data.superpixels import patch_superpixel_ids
 from segclip.data.transforms import normalize_images
-from segclip.model.architecture import describe_clip
 from segclip.model.segclip import CaptionTokenizer
 from segclip.train.step import Batch
 

@@ -191,3 +191,28 @@ def test_demo_source_is_served_on_loopback_and_downloaded(tmp_path):
     urls = pd.read_parquet(result.output_dir / "source/urls.parquet")["url"]
     assert urls.str.match(r"http://127\.0\.0\.1:\d+/images/\d{6}\.png").all()
     assert len({s["txt"] for s in read_shards(result)}) > 1
+
+
+def test_a_ray_address_downloads_with_img2datasets_ray_distributor(tmp_path, served):
+    import ray
+
+    from pipelines.ray_runtime import connect
+
+    connect(None)
+    address = ray.get_runtime_context().gcs_address
+    pd.DataFrame(
+        {"url": [served + f"{i}.png" for i in range(5)], "caption": list("abcde")}
+    ).to_parquet(tmp_path / "list.parquet")
+    config = config_for(
+        tmp_path,
+        "ingest.source=urls",
+        f"ingest.path={tmp_path / 'list.parquet'}",
+        "ingest.samples_per_shard=2",
+        f"runtime.ray_address={address}",
+    )
+    result = ingest.run(config)
+    assert result.manifest.counts == {"requested": 5, "samples": 5, "shards": 3}
+    assert sorted(s["txt"] for s in read_shards(result)) == list("abcde")
+    # The distributor is how the work runs, not what it makes: same stage key as without Ray.
+    local = config.runtime.model_copy(update={"ray_address": None})
+    assert ingest.run(config.model_copy(update={"runtime": local})).skipped
