@@ -86,6 +86,7 @@ class DataConfig(_Section):
     crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     patch_label: Literal["mean", "majority"] = "mean"
+    shuffle_buffer: int = Field(1000, ge=1, description="samples mixed across shards in training")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> DataConfig:
@@ -111,6 +112,9 @@ class TrainConfig(_Section):
     grad_clip_norm: float = Field(1.0, gt=0)
     warmup_fraction: float = Field(0.15, ge=0, lt=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    steps: int | None = Field(
+        None, ge=1, description="optimiser steps; null = epochs x (samples // global batch)"
+    )
     seed: int = 0
 
 
@@ -189,6 +193,22 @@ class RuntimeConfig(_Section):
     workdir: str = Field("workdir", description="root of every stage's output folder")
     ray_address: str | None = Field(
         None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray"
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow store; null = MLFLOW_TRACKING_URI or <workdir>/mlflow.db"
+    )
+    train_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="one GPU per training worker (NCCL) instead of CPU")
+    loader_workers: int = Field(1, ge=0, description="data loader processes per training worker")
+    max_worker_batch: int | None = Field(
+        None, ge=1, description="largest batch one worker holds at once; more is accumulated"
+    )
+    log_every: int = Field(10, ge=1, description="steps between metric logs")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0, description="worker crashes Ray Train recovers from")
+    inject_failure_at_step: int | None = Field(
+        None, ge=1, description="testing fault tolerance: rank 0 crashes once at this step"
     )
     ingest_processes: int = Field(2, ge=1)
     ingest_threads: int = Field(32, ge=1)

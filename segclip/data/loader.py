@@ -119,7 +119,6 @@ def training_samples(
     rank: int = 0,
     world_size: int = 1,
     resampled: bool = True,
-    shuffle_buffer: int = 1000,
     epoch: int = 0,
 ) -> wds.DataPipeline:
     """Per-sample stream of one rank; `epoch` reseeds shard order, crops and shuffling."""
@@ -127,7 +126,7 @@ def training_samples(
     return wds.DataPipeline(
         RankShards(shards, rank, world_size, resampled, seed),
         wds.tarfile_to_samples(),
-        wds.shuffle(shuffle_buffer, seed=hash((seed, rank))),
+        wds.shuffle(config.data.shuffle_buffer, seed=hash((seed, rank))),
         wds.map(TrainingSample(config)),
     )
 
@@ -140,12 +139,11 @@ def training_loader(
     world_size: int = 1,
     num_workers: int = 2,
     resampled: bool = True,
-    shuffle_buffer: int = 1000,
     epoch: int = 0,
 ) -> wds.WebLoader:
     """Batches for one rank; in epoch mode stop after `batches_per_epoch(...)` steps."""
-    pipeline = training_samples(
-        shards, config, rank, world_size, resampled, shuffle_buffer, epoch
-    ).compose(wds.batched(batch_size, collation_fn=collate, partial=False))
+    pipeline = training_samples(shards, config, rank, world_size, resampled, epoch).compose(
+        wds.batched(batch_size, collation_fn=collate, partial=False)
+    )
     # Crop boxes come from torch's RNG, which DataLoader seeds differently in each worker.
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

@@ -9,6 +9,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from segclip.config import load_config
 from segclip.data.demo_data import demo_scene
 from segclip.data.loader import (
     batches_per_epoch,
@@ -42,19 +43,20 @@ def shards(tmp_path_factory, tiny_config):
 
 
 def keys_read(shards, config, rank, world_size, num_workers):
-    pipeline = training_samples(shards, config, rank, world_size, resampled=False, shuffle_buffer=4)
+    pipeline = training_samples(shards, config, rank, world_size, resampled=False)
     loader = wds.WebLoader(
         pipeline.compose(wds.map(lambda s: s["__key__"])), batch_size=None, num_workers=num_workers
     )
     return list(loader)
 
 
-def test_ranks_and_workers_split_shards_without_overlap_or_loss(shards, tiny_config):
+def test_ranks_and_workers_split_shards_without_overlap_or_loss(shards):
+    config = load_config("tiny", ["data.shuffle_buffer=4"])
     every = [f"k{i:03d}" for i in range(sum(SHARD_SIZES))]
     for world_size, num_workers in [(1, 0), (2, 2), (3, 1)]:
         read = Counter()
         for rank in range(world_size):
-            read.update(keys_read(shards, tiny_config, rank, world_size, num_workers))
+            read.update(keys_read(shards, config, rank, world_size, num_workers))
         assert sorted(read) == every and set(read.values()) == {1}, (world_size, num_workers)
     assert shards_for_rank(shards, 1, 2) == [shards[1], shards[3]]
     with pytest.raises(ValueError, match="5 shards cannot feed 6 training workers; use at most 5"):
@@ -96,9 +98,11 @@ def test_batches_per_epoch_is_what_every_rank_delivers(shards, tiny_config):
     assert batches_per_epoch(SHARD_SIZES, 2, 2, 2) == min(delivered) == 4
 
 
-def test_resampled_mode_streams_past_the_data_and_ranks_differ(shards, tiny_config):
+def test_resampled_mode_streams_past_the_data_and_ranks_differ(shards):
+    small_buffer = load_config("tiny", ["data.shuffle_buffer=2"])
+
     def first_keys(rank):
-        samples = training_samples(shards, tiny_config, rank, 2, resampled=True, shuffle_buffer=2)
+        samples = training_samples(shards, small_buffer, rank, 2, resampled=True)
         return [s["__key__"] for s in islice(iter(samples), 40)]
 
     rank0, rank1 = first_keys(0), first_keys(1)
