@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
 from segclip.config import LossConfig, TrainConfig
 from segclip.losses import LossTerms, segclip_loss
@@ -27,16 +29,31 @@ class Batch:
         """The samples at `index` (a subset or a reordering)."""
         return Batch(*(t[index] for t in vars(self).values()))
 
+    def chunks(self, count: int) -> list[Batch]:
+        """`count` consecutive micro-batches of equal size."""
+        if len(self.images) % count:
+            raise ValueError(
+                f"a batch of {len(self.images)} does not split into {count} equal parts"
+            )
+        split = (t.chunk(count) for t in vars(self).values())
+        return [Batch(*parts) for parts in zip(*split, strict=True)]
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
+
 
 class TrainStep:
     """Forward, the three losses, backward, clip, step, schedule and logit-scale clamp.
 
-    fp16 uses a gradient scaler; bf16 and fp32 do not need one.
+    `model` may be wrapped in DistributedDataParallel. With `micro_batches` > 1 the
+    gradients of equal micro-batches are accumulated (synchronised across ranks
+    once, on the last); each micro-batch's contrastive loss then sees only the
+    negatives of that micro-batch on every rank. fp16 uses a gradient scaler.
     """
 
     def __init__(
         self,
-        model: SegCLIP,
+        model: SegCLIP | nn.parallel.DistributedDataParallel,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         loss_config: LossConfig,
@@ -44,6 +61,7 @@ class TrainStep:
         device_type: str = "cpu",
     ) -> None:
         self.model = model
+        self.segclip: SegCLIP = getattr(model, "module", model)
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_config = loss_config
@@ -60,14 +78,28 @@ class TrainStep:
             outputs = self.model(batch.images, batch.tokens)
             return segclip_loss(outputs, batch.superpixels, self.loss_config)
 
-    def __call__(self, batch: Batch) -> LossTerms:
+    def __call__(self, batch: Batch, micro_batches: int = 1) -> LossTerms:
         self.optimizer.zero_grad(set_to_none=True)
-        terms = self.losses(batch)
-        self.scaler.scale(terms.total).backward()
+        parts = batch.chunks(micro_batches)
+        history = []
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            no_sync = getattr(self.model, "no_sync", None)
+            with nullcontext() if last or no_sync is None else no_sync():
+                terms = self.losses(part)
+                self.scaler.scale(terms.total / len(parts)).backward()
+            history.append(terms)
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        self.model.clamp_logit_scale()
-        return terms
+        self.segclip.clamp_logit_scale()
+        if len(history) == 1:
+            return history[0]
+        return LossTerms(
+            *(
+                sum(getattr(t, f.name).detach() for t in history) / len(history)
+                for f in fields(LossTerms)
+            )
+        )

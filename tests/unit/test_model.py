@@ -128,3 +128,27 @@ def test_a_training_step_runs_under_each_precision(tiny_model, tiny_images, tiny
     terms = step(Batch(tiny_images, tokens, superpixels))
     assert torch.isfinite(terms.total)
     assert not torch.equal(tiny_model.group.centers, before)
+
+
+def test_accumulated_micro_batches_take_one_optimiser_step(tiny_model, tiny_config):
+    from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
+
+    optimizer = build_optimizer(tiny_model, tiny_config.train)
+    scheduler = build_scheduler(optimizer, tiny_config.train, 10)
+    step = TrainStep(tiny_model, optimizer, scheduler, tiny_config.loss, tiny_config.train)
+    images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    batch = Batch(
+        images,
+        CaptionTokenizer(tiny_config.model)(["a", "b", "c", "d"]),
+        torch.arange(4 * 64).reshape(4, 64) % 5,
+    )
+    parts = batch.chunks(2)
+    assert [p.images.shape[0] for p in parts] == [2, 2]
+    assert torch.equal(parts[1].superpixels, batch.superpixels[2:])
+    with pytest.raises(ValueError, match="a batch of 4 does not split into 3 equal parts"):
+        batch.chunks(3)
+    terms = step(batch, micro_batches=2)
+    assert scheduler.last_epoch == 1  # one scheduler (and optimiser) step for both halves
+    assert torch.isfinite(terms.total) and terms.total.requires_grad is False
+    expected = terms.contrastive + terms.superpixel_kl + terms.reconstruction  # weights are 1
+    assert torch.allclose(terms.total, expected, atol=1e-5)
