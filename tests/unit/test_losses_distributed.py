@@ -74,3 +74,97 @@ def test_two_ranks_match_open_clip_and_the_single_process_loss():
         torch.testing.assert_close(gt, ref_gt)
     # Each rank averages over its own rows, so the ranks' mean is the full-batch loss.
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(single, rel=1e-6)
+
+
+# --- the whole training loss under DDP: 2 ranks x batch b == 1 process x batch 2b -------------
+
+HALF = 2
+
+
+def _deterministic_noise() -> None:
+    """Replace the two random draws of a training forward by per-sample deterministic ones.
+
+    Random masks and Gumbel noise depend on batch position and RNG state, so no
+    two batch layouts can share them; with these, every sample is treated the same
+    wherever it sits, and the only difference left is how the batch is split.
+    """
+    from segclip.model import group
+    from segclip.model import segclip as segclip_model
+
+    def gumbel_free(logits, tau, dim):
+        soft = (logits / tau).softmax(dim)
+        return group.argmax_one_hot(soft, dim) + (soft - soft.detach())
+
+    def keep_by_content(self, x):
+        keep = x.detach().sum(-1).argsort(dim=1)[:, : self.num_visible_patches]
+        return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), keep
+
+    group.straight_through_gumbel = gumbel_free
+    segclip_model.SegCLIP._keep_random_patches = keep_by_content
+
+
+def _model_and_batch():
+    from segclip.config import load_config
+    from segclip.model import CaptionTokenizer, build_model, freeze_parameters
+    from segclip.train import Batch
+
+    config = load_config("tiny")
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    freeze_parameters(model)  # as training does: embeddings and ln_pre get no gradient
+    generator = torch.Generator().manual_seed(3)
+    batch = Batch(
+        torch.randn(2 * HALF, 3, 128, 128, generator=generator),
+        CaptionTokenizer(config.model)(
+            ["a red star", "two blue rings", "a cross", "a white hexagon"]
+        ),
+        torch.randint(0, 6, (2 * HALF, 64), generator=generator),
+    )
+    return config, model, batch
+
+
+def _losses(model, batch, config):
+    from segclip.losses import segclip_loss
+
+    return segclip_loss(model(batch.images, batch.tokens), batch.superpixels, config.loss)
+
+
+def _ddp_rank_main(rank: int, world: int, port: int, results: dict) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        _deterministic_noise()
+        config, model, batch = _model_and_batch()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        local = batch.select(torch.arange(rank * HALF, (rank + 1) * HALF))
+        terms = _losses(ddp, local, config)
+        terms.total.backward()
+        results[rank] = (
+            {k: v.item() for k, v in vars(terms).items()},
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_give_the_loss_and_gradients_of_one_process_with_both_halves():
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_rank_main, args=(2, _free_port(), results), nprocs=2, join=True)
+        results = dict(results)
+    _deterministic_noise()  # this process now computes the single-process reference
+    config, model, batch = _model_and_batch()
+    terms = _losses(model, batch, config)
+    terms.total.backward()
+    for name, value in vars(terms).items():
+        mean = (results[0][0][name] + results[1][0][name]) / 2
+        assert mean == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == results[0][1].keys() == results[1][1].keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            results[0][1][name], results[1][1][name], msg=name
+        )  # DDP averaged
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-3, atol=1e-6, msg=name)

@@ -1,0 +1,190 @@
+"""Training stage: Ray Train's TorchTrainer over the superpixel shards, tracked in MLflow.
+
+The driver plans the run (per-worker batch, accumulation, steps), opens the
+MLflow run, and starts N workers running `segclip.train.loop.train_worker`.
+Ray Train keeps the last K checkpoints under the stage folder and restarts a
+crashed worker group from the latest one. A finished run's final checkpoint is
+copied to `final/`; a later run that only adds steps starts from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.ray_runtime import connect
+from segclip.config import SegCLIPConfig
+from segclip.stage import (
+    InputRef,
+    StageOutput,
+    StageResult,
+    load_result,
+    read_manifest,
+    run_stage,
+    stage_dir,
+    stage_key,
+)
+from segclip.tracking import experiment_id, flatten, log_params, set_tags, tracking_client
+from segclip.train.loop import MODEL_FILE, LoopSettings, train_worker
+from segclip.train.plan import TrainPlan, plan_training
+
+STAGE = "train"
+FINAL_DIR = "final"
+RUN_ID_FILE = "mlflow_run_id"
+# Settings a run may change and still continue from a shorter run's final state.
+EXTENSION_FIELDS = ("steps", "epochs")
+
+
+def stage_config(config: SegCLIPConfig) -> dict[str, Any]:
+    return {
+        section: getattr(config, section).model_dump(mode="json")
+        for section in ("model", "loss", "data", "train")
+    }
+
+
+def final_model(result: StageResult) -> Path:
+    return result.output_dir / FINAL_DIR / MODEL_FILE
+
+
+def _without_length(settings: dict[str, Any]) -> dict[str, Any]:
+    train = {k: v for k, v in settings["train"].items() if k not in EXTENSION_FIELDS}
+    return {**settings, "train": train}
+
+
+def _run_to_extend(config: SegCLIPConfig, inputs: Sequence[InputRef], steps: int) -> Path | None:
+    """The final state of the longest finished run with these settings but fewer steps."""
+    wanted = _without_length(stage_config(config))
+    digests = [ref.digest for ref in inputs]
+    best: tuple[int, Path] | None = None
+    for manifest_path in (Path(config.runtime.workdir) / STAGE).glob("*/manifest.json"):
+        manifest = read_manifest(manifest_path.parent)
+        done = manifest.counts.get("steps", 0)
+        if (
+            _without_length(manifest.config) == wanted
+            and [ref.digest for ref in manifest.inputs] == digests
+            and done < steps
+            and (manifest_path.parent / FINAL_DIR).is_dir()
+            and (best is None or done > best[0])
+        ):
+            best = (done, manifest_path.parent / FINAL_DIR)
+    return best[1] if best else None
+
+
+def _open_run(
+    client: MlflowClient,
+    config: SegCLIPConfig,
+    output_dir: Path,
+    plan: TrainPlan,
+    inputs: Sequence[InputRef],
+) -> str:
+    """The stage's MLflow run; an interrupted stage resumes logging into the same run."""
+    saved = output_dir / RUN_ID_FILE
+    if saved.is_file():
+        return saved.read_text().strip()
+    run = client.create_run(
+        experiment_id(client, config),
+        run_name=f"train-{output_dir.name}",
+        tags={"segclip.stage": STAGE, "segclip.stage_key": output_dir.name},
+    )
+    run_id = run.info.run_id
+    log_params(
+        client,
+        run_id,
+        {
+            **flatten(config.model_dump(mode="json")),
+            **{f"plan.{k}": str(v) for k, v in plan.as_dict().items()},
+        },
+    )
+    set_tags(
+        client,
+        run_id,
+        {
+            **{f"segclip.input.{i}": ref.path for i, ref in enumerate(inputs)},
+            **{f"segclip.input_digest.{i}": ref.digest for i, ref in enumerate(inputs)},
+        },
+    )
+    saved.write_text(run_id)
+    return run_id
+
+
+def _fit(
+    config: SegCLIPConfig,
+    plan: TrainPlan,
+    shards: list[str],
+    run_id: str,
+    output_dir: Path,
+    start_from: Path | None,
+) -> Any:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    connect(config.runtime.ray_address)
+    runtime = config.runtime
+    settings = LoopSettings(
+        config=config.model_dump(mode="json"),
+        plan=plan.as_dict(),
+        shards=shards,
+        run_id=run_id,
+        start_from=str(start_from) if start_from else None,
+        failure_marker=str(output_dir / ".injected_failure"),
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=dataclasses.asdict(settings),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.world_size, use_gpu=runtime.use_gpu
+        ),
+        run_config=ray.train.RunConfig(
+            name="ray",
+            storage_path=str(output_dir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=runtime.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=runtime.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
+    """Train on one finished superpixel output; skipped when this exact run has finished."""
+    if len(inputs) != 1:
+        raise ValueError(f"the training stage reads one superpixel output, got {len(inputs)}")
+    upstream = load_result(inputs[0].path)
+    plan = plan_training(config, upstream.manifest.counts["samples"])  # bad settings fail here
+    client = tracking_client(config)
+    start_from = None
+    if not (
+        stage_dir(config.runtime.workdir, STAGE, stage_key(stage_config(config), inputs))
+        / RUN_ID_FILE
+    ).exists():
+        start_from = _run_to_extend(config, inputs, plan.total_steps)
+
+    def body(output_dir: Path) -> StageOutput:
+        run_id = _open_run(client, config, output_dir, plan, inputs)
+        if start_from is not None:
+            set_tags(client, run_id, {"segclip.extends": str(start_from.parent)})
+        start = time.perf_counter()
+        result = _fit(config, plan, upstream.shard_paths, run_id, output_dir, start_from)
+        with result.checkpoint.as_directory() as folder:
+            shutil.copytree(folder, output_dir / FINAL_DIR, dirs_exist_ok=True)
+        client.log_artifact(run_id, str(output_dir / FINAL_DIR / MODEL_FILE))
+        return StageOutput(
+            counts={
+                "steps": plan.total_steps,
+                "world_size": plan.world_size,
+                "global_batch": config.train.global_batch_size,
+            },
+            timings={"fit": time.perf_counter() - start},
+        )
+
+    result = run_stage(STAGE, config.runtime.workdir, stage_config(config), inputs, body, force)
+    if not result.skipped:
+        run_id = (result.output_dir / RUN_ID_FILE).read_text().strip()
+        client.log_artifact(run_id, str(result.output_dir / "manifest.json"))
+        client.set_terminated(run_id)
+    return result

@@ -1,0 +1,91 @@
+"""The training stage on a real local Ray (2 gloo workers) with a real MLflow SQLite store."""
+
+import pytest
+
+from pipelines import ingest, superpixels, train
+from segclip.config import load_config
+from segclip.model import load_checkpoint
+from segclip.tracking import tracking_client
+
+pytestmark = pytest.mark.slow
+
+BASE = [
+    "demo.train_images=96",
+    "ingest.samples_per_shard=24",
+    "runtime.ingest_processes=1",
+    "train.global_batch_size=16",
+    "runtime.train_workers=2",
+    "runtime.log_every=2",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")
+
+
+def configure(workdir, *overrides):
+    return load_config("tiny", [*BASE, f"runtime.workdir={workdir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def labels(workdir):
+    config = configure(workdir)
+    return superpixels.run(config, [ingest.run(config).ref]).ref
+
+
+def history(config, result, metric="loss/total"):
+    client = tracking_client(config)
+    run_id = (result.output_dir / train.RUN_ID_FILE).read_text()
+    return client, run_id, client.get_metric_history(run_id, metric)
+
+
+def test_a_short_run_learns_and_is_tracked_in_mlflow(workdir, labels):
+    config = configure(workdir, "train.steps=16", "runtime.checkpoint_every=8")
+    result = train.run(config, [labels])
+    assert result.manifest.counts == {"steps": 16, "world_size": 2, "global_batch": 16}
+    model = load_checkpoint(train.final_model(result))
+    assert model.config == config.model
+    client, run_id, losses = history(config, result)
+    assert [m.step for m in losses] == list(range(2, 17, 2))
+    values = [m.value for m in losses]
+    assert sum(values[-2:]) < sum(values[:2])  # the loss goes down
+    for term in ("contrastive", "superpixel_kl", "reconstruction"):
+        assert len(client.get_metric_history(run_id, f"loss/{term}")) == 8
+    run = client.get_run(run_id)
+    assert (
+        run.data.params["train.lr_new"] == "0.001" and run.data.params["plan.worker_batch"] == "8"
+    )
+    assert run.data.tags["segclip.stage_key"] == result.output_dir.name
+    assert run.data.tags["segclip.input_digest.0"] == labels.digest
+    assert (
+        0 <= run.data.metrics["data_wait_fraction"] <= 1 and run.data.metrics["samples_per_s"] > 0
+    )
+    assert {a.path for a in client.list_artifacts(run_id)} == {"model.safetensors", "manifest.json"}
+    assert run.info.status == "FINISHED"
+    assert train.run(config, [labels]).skipped
+
+
+def test_a_crashed_worker_resumes_from_the_last_checkpoint(workdir, labels):
+    config = configure(
+        workdir,
+        "train.steps=8",
+        "runtime.checkpoint_every=3",
+        "runtime.inject_failure_at_step=5",
+        "train.seed=1",
+    )
+    result = train.run(config, [labels])
+    assert (result.output_dir / ".injected_failure").is_file()
+    assert result.manifest.counts["steps"] == 8
+    # Logged 2 and 4, crashed at 5, restarted from the step-3 checkpoint: 4 is logged again.
+    assert [m.step for m in history(config, result)[2]] == [2, 4, 4, 6, 8]
+
+
+def test_a_finished_run_extended_with_more_steps_continues_from_its_final_state(workdir, labels):
+    short = train.run(configure(workdir, "train.steps=6", "train.seed=2"), [labels])
+    longer_config = configure(workdir, "train.steps=10", "train.seed=2")
+    longer = train.run(longer_config, [labels])
+    assert longer.output_dir != short.output_dir
+    client, run_id, losses = history(longer_config, longer)
+    assert [m.step for m in losses] == [8, 10]  # steps 1-6 came from the shorter run
+    assert client.get_run(run_id).data.tags["segclip.extends"] == str(short.output_dir)
