@@ -113,6 +113,15 @@ def _open_run(
     return run_id
 
 
+def _cpus_per_worker(configured: int | None, plan: TrainPlan) -> int:
+    """Unless configured, the workers share all of the cluster's CPUs equally."""
+    import ray
+
+    if configured is not None:
+        return configured
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.world_size)
+
+
 def _fit(
     config: SegCLIPConfig,
     plan: TrainPlan,
@@ -138,7 +147,9 @@ def _fit(
         train_worker,
         train_loop_config=dataclasses.asdict(settings),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.world_size, use_gpu=runtime.use_gpu
+            num_workers=plan.world_size,
+            use_gpu=runtime.use_gpu,
+            resources_per_worker={"CPU": _cpus_per_worker(runtime.cpus_per_worker, plan)},
         ),
         run_config=ray.train.RunConfig(
             name="ray",

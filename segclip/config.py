@@ -199,6 +199,9 @@ class RuntimeConfig(_Section):
     )
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per training worker (NCCL) instead of CPU")
+    cpus_per_worker: int | None = Field(
+        None, ge=1, description="CPUs (and torch threads) per training worker; null = share all"
+    )
     loader_workers: int = Field(1, ge=0, description="data loader processes per training worker")
     max_worker_batch: int | None = Field(
         None, ge=1, description="largest batch one worker holds at once; more is accumulated"

@@ -133,6 +133,7 @@ def _maybe_inject_failure(settings: LoopSettings, config: SegCLIPConfig, step: i
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -142,6 +143,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     plan = TrainPlan(**settings.plan)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(int(cpus))  # the CPUs this worker reserved, no more
     torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
     device = ray.train.torch.get_device()
     step_fn = _build(config, plan, device)
