@@ -27,8 +27,6 @@ from segclip.stage import (
     load_result,
     read_manifest,
     run_stage,
-    stage_dir,
-    stage_key,
 )
 from segclip.tracking import experiment_id, flatten, log_params, set_tags, tracking_client
 from segclip.train.loop import MODEL_FILE, LoopSettings, train_worker
@@ -168,14 +166,10 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
     upstream = load_result(inputs[0].path)
     plan = plan_training(config, upstream.manifest.counts["samples"])  # bad settings fail here
     client = tracking_client(config)
-    start_from = None
-    if not (
-        stage_dir(config.runtime.workdir, STAGE, stage_key(stage_config(config), inputs))
-        / RUN_ID_FILE
-    ).exists():
-        start_from = _run_to_extend(config, inputs, plan.total_steps)
 
     def body(output_dir: Path) -> StageOutput:
+        # A restarted run continues from its own latest checkpoint when it has one.
+        start_from = _run_to_extend(config, inputs, plan.total_steps)
         run_id = _open_run(client, config, output_dir, plan, inputs)
         if start_from is not None:
             set_tags(client, run_id, {"segclip.extends": str(start_from.parent)})

@@ -60,12 +60,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_ranks_match_open_clip_and_the_single_process_loss():
+def _run_two_ranks(rank_main) -> dict:
+    """Run `rank_main(rank, world, port, results)` on two gloo ranks; return their results."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank_main, args=(2, _free_port(), results), nprocs=2, join=True)
-        results = dict(results)
+        mp.spawn(rank_main, args=(2, _free_port(), results), nprocs=2, join=True)
+        return dict(results)
+
+
+@pytest.mark.slow
+def test_two_ranks_match_open_clip_and_the_single_process_loss():
+    results = _run_two_ranks(_rank_main)
     image, text = _features()
     single = contrastive_loss(image, text, torch.tensor(SCALE)).item()
     for ours, reference, gi, ref_gi, gt, ref_gt in results.values():
@@ -150,10 +155,7 @@ def _ddp_rank_main(rank: int, world: int, port: int, results: dict) -> None:
 
 @pytest.mark.slow
 def test_two_ddp_ranks_give_the_loss_and_gradients_of_one_process_with_both_halves():
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_ddp_rank_main, args=(2, _free_port(), results), nprocs=2, join=True)
-        results = dict(results)
+    results = _run_two_ranks(_ddp_rank_main)
     _deterministic_noise()  # this process now computes the single-process reference
     config, model, batch = _model_and_batch()
     terms = _losses(model, batch, config)

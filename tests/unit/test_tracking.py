@@ -1,0 +1,44 @@
+import socket
+
+import pytest
+
+from segclip.config import load_config
+from segclip.tracking import experiment_id, flatten, tracking_client, tracking_uri
+
+
+def test_configs_flatten_to_dotted_params():
+    assert flatten({"model": {"num_centers": 8, "betas": [0.9, 0.98]}, "profile": "tiny"}) == {
+        "model.num_centers": "8",
+        "model.betas": "[0.9, 0.98]",
+        "profile": "tiny",
+    }
+
+
+def test_store_is_the_config_then_the_environment_then_the_workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config("tiny", [f"runtime.workdir={tmp_path}"])
+    assert tracking_uri(config) == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracker:5000")
+    assert tracking_uri(config) == "http://tracker:5000"
+    configured = load_config("tiny", ["runtime.tracking_uri=sqlite:////data/runs.db"])
+    assert tracking_uri(configured) == "sqlite:////data/runs.db"
+
+
+def test_local_store_keeps_artifacts_in_the_workdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config("tiny", [f"runtime.workdir={tmp_path}"])
+    client = tracking_client(config)
+    experiment = client.get_experiment(experiment_id(client, config))
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert experiment_id(client, config) == experiment.experiment_id  # found, not created again
+
+
+def test_an_unreachable_server_fails_fast_naming_the_fix():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = load_config("tiny", [f"runtime.tracking_uri=http://127.0.0.1:{port}"])
+    with pytest.raises(
+        ConnectionError, match=r"(?s)does not answer.*mlflow server --host 127.0.0.1"
+    ):
+        tracking_client(config)
