@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from segclip.architecture import describe_clip
+from segclip.eval.protocol import PROTOCOLS
 
 PROFILE_DIR = Path(__file__).parent / "configs"
 
@@ -119,14 +120,22 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Zero-shot segmentation protocol (METHOD.md section 6)."""
+    """Zero-shot segmentation benchmarks (METHOD.md section 6); the protocol fixes the method."""
 
-    short_side: int = Field(224, ge=16)
-    window: int = Field(224, ge=16)
-    stride: int = Field(224, ge=1)
-    templates: tuple[str, ...] = ("a photo of a {}.",)
-    prior_top_k: int = Field(5, ge=1)
-    background_thresholds: dict[str, float] = {"voc": 0.80, "context": 0.25, "coco_object": 0.65}
+    protocol: str = Field("segclip", description="named, versioned protocol (segclip, tcl448)")
+    benchmarks: tuple[str, ...] = ("voc", "context", "coco_object")
+    data_root: str = Field("data", description="folder holding each benchmark's dataset")
+    precision: Literal["fp32", "bf16"] = "fp32"
+    window_batch: int = Field(16, ge=1, description="sliding windows encoded per forward pass")
+    overlays: int = Field(4, ge=0, description="overlay images logged per benchmark")
+
+    @model_validator(mode="after")
+    def _check_protocol(self) -> EvalConfig:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(
+                f"unknown protocol {self.protocol!r}; choose one of {sorted(PROTOCOLS)}"
+            )
+        return self
 
 
 class DemoDataConfig(_Section):

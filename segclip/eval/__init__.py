@@ -1,0 +1,1 @@
+"""Zero-shot segmentation: protocols, dataset readers, sliding-window inference, metrics."""

@@ -1,0 +1,52 @@
+"""Named, versioned zero-shot segmentation protocols. Results log the name, version and values.
+
+Change a protocol's values only together with its version, so that two numbers
+with the same protocol name and version were measured the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    version: int
+    short_side: int  # images are resized so that their short side is this
+    window: int  # sliding-window crop
+    stride: int
+    templates: tuple[str, ...]
+    prior_top_k: int  # classes kept by the image-level prior
+    background_thresholds: dict[str, float] = field(default_factory=dict)  # per benchmark
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# METHOD.md section 6 [ref]; the demo threshold is ours (a benchmark of simple shapes).
+_SEGCLIP_THRESHOLDS = {"voc": 0.80, "context": 0.25, "coco_object": 0.65, "demo": 0.5}
+
+PROTOCOLS: dict[str, Protocol] = {
+    "segclip": Protocol(
+        name="segclip",
+        version=1,
+        short_side=224,
+        window=224,
+        stride=224,
+        templates=("a photo of a {}.",),
+        prior_top_k=5,
+        background_thresholds=_SEGCLIP_THRESHOLDS,
+    ),
+    # The larger-input variant common in later papers (TCL, GroupViT evaluations).
+    "tcl448": Protocol(
+        name="tcl448",
+        version=1,
+        short_side=448,
+        window=448,
+        stride=224,
+        templates=("a photo of a {}.",),
+        prior_top_k=5,
+        background_thresholds=_SEGCLIP_THRESHOLDS,
+    ),
+}

@@ -1,0 +1,139 @@
+"""Sliding-window zero-shot segmentation with SegCLIP's centers (METHOD.md section 6).
+
+Per window, one vision pass gives both the center embeddings and the image
+embedding (for the class prior), and windows are encoded in batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segclip.data.transforms import normalize_images
+from segclip.eval.protocol import Protocol
+from segclip.model import CaptionTokenizer, SegCLIP, VisionMode
+
+AFFINITY_SCALE = 100.0  # [ref]: fixed, not the learned logit scale
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets along one side; the last window is shifted back inside the image."""
+    if length <= window:
+        return [0]
+    count = math.ceil((length - window) / stride) + 1
+    return [min(i * stride, length - window) for i in range(count)]
+
+
+def resize_short_side(image: torch.Tensor, short_side: int) -> torch.Tensor:
+    """(3, H, W) -> bilinear resize keeping the aspect ratio, short side = `short_side`."""
+    height, width = image.shape[-2:]
+    scale = short_side / min(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+@torch.inference_mode()
+def class_text_embeddings(
+    model: SegCLIP, class_names: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """(K, E): per class, the L2-normalised mean of its unnormalised prompt embeddings."""
+    tokenizer = CaptionTokenizer(model.config)
+    prompts = [template.format(name) for name in class_names for template in templates]
+    embeddings = model.encode_text(tokenizer(prompts)).reshape(len(class_names), len(templates), -1)
+    return F.normalize(embeddings.mean(dim=1), dim=-1)
+
+
+def center_class_affinity(
+    centers: torch.Tensor, image: torch.Tensor, text: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """F = p1 * p2, (B, G, K): center-class softmax times the same restricted to the top-k
+    classes of the image-level prior."""
+    logits = AFFINITY_SCALE * F.normalize(centers, dim=-1) @ text.T  # (B, G, K)
+    prior = AFFINITY_SCALE * F.normalize(image, dim=-1) @ text.T  # (B, K)
+    kept = prior.topk(min(top_k, text.shape[0]), dim=-1).indices
+    allowed = torch.zeros_like(prior, dtype=torch.bool).scatter_(1, kept, True)
+    p2 = logits.masked_fill(~allowed[:, None, :], float("-inf")).softmax(dim=-1)
+    return logits.softmax(dim=-1) * p2
+
+
+def apply_background(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(K, H, W) class scores -> labels with 0 = background, k + 1 = class k.
+
+    A pixel is background when its best score is below tau = min(threshold, max score).
+    """
+    best, label = scores.max(dim=0)
+    tau = min(threshold, best.max().item())
+    return torch.where(best < tau, 0, label + 1)
+
+
+class Segmenter:
+    """Open-vocabulary segmentation of whole images under one protocol."""
+
+    def __init__(
+        self,
+        model: SegCLIP,
+        class_names: Sequence[str],
+        protocol: Protocol,
+        background_threshold: float | None,
+        window_batch: int = 16,
+        bf16: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.protocol = protocol
+        self.background_threshold = background_threshold
+        self.window_batch = window_batch
+        self.bf16 = bf16
+        self.text = class_text_embeddings(model, class_names, protocol.templates)
+
+    @torch.inference_mode()
+    def scores(self, image: np.ndarray) -> torch.Tensor:
+        """RGB uint8 (H, W, 3) -> class scores (K, H, W), windows averaged where they overlap."""
+        height, width = image.shape[:2]
+        resized = resize_short_side(normalize_images(image[None])[0], self.protocol.short_side)
+        rows, cols = resized.shape[-2:]
+        win_h, win_w = min(self.protocol.window, rows), min(self.protocol.window, cols)
+        boxes = [
+            (top, left)
+            for top in window_starts(rows, win_h, self.protocol.stride)
+            for left in window_starts(cols, win_w, self.protocol.stride)
+        ]
+        total = torch.zeros(len(self.text), rows, cols)
+        count = torch.zeros(1, rows, cols)
+        for start in range(0, len(boxes), self.window_batch):
+            chunk = boxes[start : start + self.window_batch]
+            crops = torch.stack([resized[:, y : y + win_h, x : x + win_w] for y, x in chunk])
+            for (top, left), window_scores in zip(chunk, self._window_scores(crops), strict=True):
+                total[:, top : top + win_h, left : left + win_w] += window_scores
+                count[:, top : top + win_h, left : left + win_w] += 1
+        scores = total / count
+        return F.interpolate(scores[None], (height, width), mode="bilinear", align_corners=False)[0]
+
+    def _window_scores(self, crops: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) -> (B, K, h, w): each pixel takes the affinity row of its argmax center."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            encoding = self.model.encode_image(crops, VisionMode.INFER)
+        affinity = center_class_affinity(
+            encoding.center_embeddings.float(),
+            encoding.embedding.float(),
+            self.text,
+            self.protocol.prior_top_k,
+        )  # (B, G, K)
+        batch, groups = affinity.shape[:2]
+        soft = encoding.soft_assign.float().reshape(batch, groups, *encoding.grid)
+        soft = F.interpolate(soft, crops.shape[-2:], mode="bilinear", align_corners=False)
+        centers = soft.argmax(dim=1)  # (B, h, w)
+        per_pixel = affinity.transpose(1, 2).gather(  # (B, K, h*w)
+            2, centers.flatten(1)[:, None, :].expand(-1, affinity.shape[2], -1)
+        )
+        return per_pixel.reshape(batch, -1, *crops.shape[-2:])
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Label map (H, W): with a background threshold 0 is background and k + 1 class k."""
+        scores = self.scores(image)
+        if self.background_threshold is None:
+            return scores.argmax(dim=0).numpy().astype(np.uint8)
+        return apply_background(scores, self.background_threshold).numpy().astype(np.uint8)
