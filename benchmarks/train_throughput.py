@@ -25,7 +25,7 @@ from pathlib import Path
 import segclip  # noqa: F401  (torchvision fix before open_clip)
 from pipelines import ingest, superpixels, train
 from segclip.config import load_config
-from segclip.tracking import tracking_client
+from segclip.tracking import RUN_ID_FILE, tracking_client
 
 WORKER_BATCH = {"paper": 8, "tiny": 32}
 DEFAULT_CASES = ("tiny:1", "tiny:2", "paper:1", "paper:2")
@@ -68,7 +68,7 @@ def stage_rate(workdir: Path, profile: str, workers: int, steps: int) -> tuple[f
     start = time.perf_counter()
     result = train.run(config, [labels.ref], force=True)
     wall = time.perf_counter() - start
-    run_id = (result.output_dir / train.RUN_ID_FILE).read_text()
+    run_id = (result.output_dir / RUN_ID_FILE).read_text()
     rates = [m.value for m in tracking_client(config).get_metric_history(run_id, "samples_per_s")]
     return statistics.median(rates[1:]), wall  # the first window holds loader start-up
 

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
 from pipelines.ray_runtime import connect
 from segclip.config import SegCLIPConfig
 from segclip.stage import (
@@ -28,13 +26,12 @@ from segclip.stage import (
     read_manifest,
     run_stage,
 )
-from segclip.tracking import experiment_id, flatten, log_params, set_tags, tracking_client
+from segclip.tracking import finish_stage_run, set_tags, stage_run, tracking_client
 from segclip.train.loop import MODEL_FILE, LoopSettings, train_worker
 from segclip.train.plan import TrainPlan, plan_training
 
 STAGE = "train"
 FINAL_DIR = "final"
-RUN_ID_FILE = "mlflow_run_id"
 # Settings a run may change and still continue from a shorter run's final state.
 EXTENSION_FIELDS = ("steps", "epochs")
 
@@ -72,43 +69,6 @@ def _run_to_extend(config: SegCLIPConfig, inputs: Sequence[InputRef], steps: int
         ):
             best = (done, manifest_path.parent / FINAL_DIR)
     return best[1] if best else None
-
-
-def _open_run(
-    client: MlflowClient,
-    config: SegCLIPConfig,
-    output_dir: Path,
-    plan: TrainPlan,
-    inputs: Sequence[InputRef],
-) -> str:
-    """The stage's MLflow run; an interrupted stage resumes logging into the same run."""
-    saved = output_dir / RUN_ID_FILE
-    if saved.is_file():
-        return saved.read_text().strip()
-    run = client.create_run(
-        experiment_id(client, config),
-        run_name=f"train-{output_dir.name}",
-        tags={"segclip.stage": STAGE, "segclip.stage_key": output_dir.name},
-    )
-    run_id = run.info.run_id
-    log_params(
-        client,
-        run_id,
-        {
-            **flatten(config.model_dump(mode="json")),
-            **{f"plan.{k}": str(v) for k, v in plan.as_dict().items()},
-        },
-    )
-    set_tags(
-        client,
-        run_id,
-        {
-            **{f"segclip.input.{i}": ref.path for i, ref in enumerate(inputs)},
-            **{f"segclip.input_digest.{i}": ref.digest for i, ref in enumerate(inputs)},
-        },
-    )
-    saved.write_text(run_id)
-    return run_id
 
 
 def _cpus_per_worker(configured: int | None, plan: TrainPlan) -> int:
@@ -170,7 +130,8 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
     def body(output_dir: Path) -> StageOutput:
         # A restarted run continues from its own latest checkpoint when it has one.
         start_from = _run_to_extend(config, inputs, plan.total_steps)
-        run_id = _open_run(client, config, output_dir, plan, inputs)
+        plan_params = {f"plan.{k}": str(v) for k, v in plan.as_dict().items()}
+        run_id = stage_run(client, config, STAGE, output_dir, inputs, plan_params)
         if start_from is not None:
             set_tags(client, run_id, {"segclip.extends": str(start_from.parent)})
         start = time.perf_counter()
@@ -189,7 +150,5 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
 
     result = run_stage(STAGE, config.runtime.workdir, stage_config(config), inputs, body, force)
     if not result.skipped:
-        run_id = (result.output_dir / RUN_ID_FILE).read_text().strip()
-        client.log_artifact(run_id, str(result.output_dir / "manifest.json"))
-        client.set_terminated(run_id)
+        finish_stage_run(client, result.output_dir)
     return result

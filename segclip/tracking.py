@@ -11,7 +11,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from segclip.config import SegCLIPConfig
+from segclip.stage import InputRef
 
 EXPERIMENT = "segclip"
+RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LENGTH = 6000
 SERVER_PROBE_TIMEOUT_S = 5.0
 
@@ -90,3 +92,42 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def stage_run(
+    client: MlflowClient,
+    config: SegCLIPConfig,
+    stage: str,
+    output_dir: Path,
+    inputs: Sequence[InputRef],
+    params: Mapping[str, str],
+) -> str:
+    """The MLflow run of one stage output, created once: an interrupted stage that resumes
+    keeps logging into the same run. Tags link it to its stage key and input manifests."""
+    saved = output_dir / RUN_ID_FILE
+    if saved.is_file():
+        return saved.read_text().strip()
+    run = client.create_run(
+        experiment_id(client, config),
+        run_name=f"{stage}-{output_dir.name}",
+        tags={"segclip.stage": stage, "segclip.stage_key": output_dir.name},
+    )
+    run_id = run.info.run_id
+    log_params(client, run_id, {**flatten(config.model_dump(mode="json")), **params})
+    set_tags(
+        client,
+        run_id,
+        {
+            **{f"segclip.input.{i}": ref.path for i, ref in enumerate(inputs)},
+            **{f"segclip.input_digest.{i}": ref.digest for i, ref in enumerate(inputs)},
+        },
+    )
+    saved.write_text(run_id)
+    return run_id
+
+
+def finish_stage_run(client: MlflowClient, output_dir: Path) -> None:
+    """Attach the finished stage's manifest and mark its run finished."""
+    run_id = (output_dir / RUN_ID_FILE).read_text().strip()
+    client.log_artifact(run_id, str(output_dir / "manifest.json"))
+    client.set_terminated(run_id)

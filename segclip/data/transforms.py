@@ -12,5 +12,6 @@ _STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
 
 def normalize_images(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> CLIP-normalised float (B, 3, H, W)."""
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    writable = np.require(images, requirements="W")  # PIL-backed arrays are read-only
+    tensor = torch.from_numpy(writable).permute(0, 3, 1, 2).float() / 255
     return (tensor - _MEAN) / _STD

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segclip.data.demo_data import DEMO_CLASS_NAMES
+from segclip.config import SegCLIPConfig
+from segclip.data.demo_data import DEMO_CLASS_NAMES, write_demo_benchmark
 from segclip.data.voc import IGNORE_INDEX
 from segclip.eval import class_names as names
+from segclip.stage import json_digest
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ coco_object_ids = _lookup({raw: 1 + i for i, raw in enumerate(names.COCO_THING_I
 cityscapes_train_ids = _lookup({raw: i for i, raw in enumerate(names.CITYSCAPES_IDS)}, IGNORE_INDEX)
 
 
+def _demo_benchmark(root: Path, config: SegCLIPConfig) -> Path:
+    """One folder per demo configuration, so a changed seed or size never reuses old files."""
+    digest = json_digest(config.demo.model_dump(mode="json"))[:12]
+    return write_demo_benchmark(root / f"demo-{digest}", config.demo)
+
+
 @dataclass(frozen=True)
 class BenchmarkSpec:
     name: str
@@ -65,6 +73,14 @@ class BenchmarkSpec:
     split: str | None  # file listing the ids; None = every image matching `images`
     convert: Callable[[np.ndarray], np.ndarray]
     obtain: str  # where the data comes from, for the missing-data error
+    generate: Callable[[Path, SegCLIPConfig], Path] | None = None  # built-in data: write it
+
+    def locate(self, config: SegCLIPConfig) -> Path:
+        """The dataset folder: generated under the workdir for built-in data, else under
+        eval.data_root."""
+        if self.generate is not None:
+            return self.generate(Path(config.runtime.workdir) / "benchmarks", config)
+        return Path(config.eval.data_root) / self.folder
 
     @property
     def text_classes(self) -> tuple[str, ...]:
@@ -113,7 +129,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
                       _drop_background, "unpack ADEChallengeData2016.zip into <data_root>"),
         BenchmarkSpec("demo", "demo", DEMO_CLASS_NAMES, True, "JPEGImages/{id}.jpg",
                       "SegmentationClass/{id}.png", "ImageSets/Segmentation/val.txt",
-                      _identity, "the evaluate stage writes it from the `demo` config section"),
+                      _identity, "generated from the `demo` config section",
+                      generate=_demo_benchmark),
     )
 }  # fmt: skip
 

@@ -5,7 +5,7 @@ import pytest
 from pipelines import ingest, superpixels, train
 from segclip.config import load_config
 from segclip.model import load_checkpoint
-from segclip.tracking import tracking_client
+from segclip.tracking import RUN_ID_FILE, tracking_client
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def labels(workdir):
 
 def history(config, result, metric="loss/total"):
     client = tracking_client(config)
-    run_id = (result.output_dir / train.RUN_ID_FILE).read_text()
+    run_id = (result.output_dir / RUN_ID_FILE).read_text()
     return client, run_id, client.get_metric_history(run_id, metric)
 
 

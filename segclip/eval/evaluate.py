@@ -1,0 +1,61 @@
+"""Evaluate a segmenter over one benchmark split: confusion matrix, per-class IoU, overlays."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from segclip.eval.datasets import BenchmarkSpec, read_sample, sample_ids
+from segclip.eval.metrics import ConfusionMatrix
+from segclip.eval.overlay import render_overlay
+from segclip.eval.segment import Segmenter
+
+
+@dataclass
+class BenchmarkResult:
+    name: str
+    images: int
+    confusion: ConfusionMatrix
+    overlays: list[tuple[str, Image.Image]] = field(default_factory=list)
+
+    @property
+    def mean_iou(self) -> float:
+        return self.confusion.mean_iou()
+
+    def write(self, folder: Path, class_names: tuple[str, ...]) -> Path:
+        """per_class_iou.csv, confusion.csv and overlays/ under folder/<benchmark>."""
+        out = folder / self.name
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        with open(out / "per_class_iou.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class", "iou"])
+            for name, iou in zip(class_names, self.confusion.iou(), strict=True):
+                writer.writerow([name, "" if np.isnan(iou) else f"{iou:.6f}"])
+        np.savetxt(out / "confusion.csv", self.confusion.matrix, fmt="%d", delimiter=",")
+        for sample_id, overlay in self.overlays:
+            overlay.save(out / "overlays" / f"{sample_id.replace('/', '_')}.png")
+        return out
+
+
+def evaluate_benchmark(
+    segmenter: Segmenter,
+    spec: BenchmarkSpec,
+    folder: Path,
+    overlays: int = 0,
+    limit: int | None = None,
+) -> BenchmarkResult:
+    ids = sample_ids(spec, folder)[:limit]
+    result = BenchmarkResult(spec.name, len(ids), ConfusionMatrix(len(spec.class_names)))
+    for index, sample_id in enumerate(tqdm(ids, desc=f"evaluate {spec.name}", unit="image")):
+        sample = read_sample(spec, folder, sample_id)
+        prediction = segmenter.predict(sample.image)
+        result.confusion.update(prediction, sample.label)
+        if index < overlays:
+            overlay = render_overlay(sample.image, prediction, spec.class_names, sample.label)
+            result.overlays.append((sample_id, overlay))
+    return result
