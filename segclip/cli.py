@@ -55,6 +55,44 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images to segment")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="our .safetensors checkpoint, the authors' released .bin, or a profile name",
+    )
+    parser.add_argument(
+        "--classes", required=True, help='comma-separated vocabulary, e.g. "cat,grass,sky"'
+    )
+    parser.add_argument(
+        "--background-threshold",
+        type=float,
+        default=None,
+        help="label pixels whose best class score is below min(T, best score in the image) "
+        "as background (METHOD.md: VOC 0.8); default: every pixel gets a class",
+    )
+    parser.add_argument(
+        "--protocol", default="segclip", help="sliding-window protocol (segclip, tcl448)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=Path("predictions"), help="folder for the PNGs"
+    )
+
+
+def _predict_command(args: argparse.Namespace) -> int:
+    from segclip.eval.predict import predict_images  # torch and open_clip only when needed
+
+    classes = [name.strip() for name in args.classes.split(",") if name.strip()]
+    if not classes:
+        raise ConfigError("--classes must name at least one class")
+    for label_path, overlay_path in predict_images(
+        args.checkpoint, classes, args.images, args.output, args.background_threshold, args.protocol
+    ):
+        print(f"{label_path}  {overlay_path}")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -67,6 +105,11 @@ COMMANDS: dict[str, Command] = {
         "print the resolved configuration of a profile plus overrides",
         lambda parser: _add_config_arguments(parser, "paper"),
         _config_command,
+    ),
+    "predict": Command(
+        "segment images with any vocabulary; writes a label PNG and an overlay per image",
+        _predict_arguments,
+        _predict_command,
     ),
     "demo": Command(
         "train the tiny model on built-in procedural scenes (CPU, about a minute)",
@@ -91,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command].run(args)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError, ConnectionError) as error:
         print(f"segclip {args.command}: {error}", file=sys.stderr)
         return 2
 

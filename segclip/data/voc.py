@@ -35,6 +35,13 @@ def voc_palette() -> list[int]:
     return palette
 
 
+def palette_image(labels: np.ndarray) -> Image.Image:
+    """A label map as an indexed PNG-ready image with VOC's colours (values stay the ids)."""
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    image.putpalette(voc_palette())
+    return image
+
+
 def mark_borders(class_map: np.ndarray, width: int = 1) -> np.ndarray:
     """Set pixels within `width` of a class boundary to IGNORE_INDEX, as VOC's annotations do."""
     size = 2 * width + 1
@@ -55,13 +62,10 @@ def write_voc_split(
     root = Path(root)
     for folder in (IMAGE_DIR, LABEL_DIR, SPLIT_DIR):
         (root / folder).mkdir(parents=True, exist_ok=True)
-    palette = voc_palette()
     ids = []
     for sample_id, image, labels in samples:
         Image.fromarray(image).save(root / IMAGE_DIR / f"{sample_id}.jpg", quality=95)
-        label_image = Image.fromarray(labels.astype(np.uint8), mode="P")
-        label_image.putpalette(palette)
-        label_image.save(root / LABEL_DIR / f"{sample_id}.png")
+        palette_image(labels).save(root / LABEL_DIR / f"{sample_id}.png")
         ids.append(sample_id)
     (root / CLASS_NAMES_FILE).write_text("\n".join(class_names) + "\n")
     with atomic_path(root / SPLIT_DIR / f"{split}.txt") as tmp:

@@ -7,16 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segclip.data.voc import IGNORE_INDEX, voc_palette
+from segclip.data.voc import IGNORE_INDEX, palette_image, voc_palette
 
 SWATCH = 12
 LEGEND_ROW = 16
 
 
 def colourise(label: np.ndarray) -> Image.Image:
-    image = Image.fromarray(label.astype(np.uint8), mode="P")
-    image.putpalette(voc_palette())
-    return image.convert("RGB")
+    return palette_image(label).convert("RGB")
 
 
 def render_overlay(

@@ -32,3 +32,34 @@ def test_demo_trains_and_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert main(["demo", "--steps", "12", "--batch-size", "8", "--output", str(tmp_path)]) == 0
     assert "loss" in capsys.readouterr().out
     assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_predict_writes_a_label_and_an_overlay_per_image(tmp_path, tiny_model, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from segclip.model import save_checkpoint
+
+    checkpoint = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    image = tmp_path / "shapes.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), np.uint8)).save(image)
+    args = [
+        "predict",
+        "--checkpoint",
+        str(checkpoint),
+        "--classes",
+        "red circle, blue square",
+        "--background-threshold",
+        "0.5",
+        "--output",
+        str(tmp_path / "out"),
+        str(image),
+    ]
+    assert main(args) == 0
+    label = np.asarray(Image.open(tmp_path / "out/shapes_label.png"))
+    assert label.shape == (90, 120) and set(np.unique(label)) <= {0, 1, 2}
+    overlay = Image.open(tmp_path / "out/shapes_overlay.png")
+    assert overlay.width == 2 * 120 and overlay.height > 90  # image | prediction, legend below
+    assert "shapes_label.png" in capsys.readouterr().out
+    assert main([*args[:-1], str(tmp_path / "nope.jpg")]) == 2
+    assert "no such image: " in capsys.readouterr().err
