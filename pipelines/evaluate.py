@@ -14,15 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from pipelines.ray_runtime import connect, ray_address
 from pipelines.train import final_model
 from segclip.config import ConfigError, SegCLIPConfig
-from segclip.eval.datasets import BenchmarkSpec, get_benchmark, sample_ids
+from segclip.eval.datasets import BenchmarkSpec, get_benchmark, read_sample, sample_ids
 from segclip.eval.evaluate import evaluate_benchmark
+from segclip.eval.metrics import ConfusionMatrix
 from segclip.eval.protocol import PROTOCOLS
 from segclip.eval.segment import Segmenter
-from segclip.model import load_model
+from segclip.model import SegCLIP, load_model
 from segclip.stage import (
     InputRef,
     StageOutput,
@@ -82,6 +85,57 @@ def _benchmarks(config: SegCLIPConfig) -> list[tuple[BenchmarkSpec, Path]]:
     return located
 
 
+class _ConfusionActor:
+    """A Ray Data actor holding one model copy; maps a batch of sample ids to a confusion matrix."""
+
+    def __init__(self, model_path: str, spec_name: str, folder: str, config: dict) -> None:
+        self.config = SegCLIPConfig.model_validate(config)
+        self.spec, self.folder = get_benchmark(spec_name), Path(folder)
+        self.segmenter = _segmenter(load_model(model_path), self.spec, self.config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        matrix = ConfusionMatrix(len(self.spec.class_names))
+        for sample_id in batch["id"]:
+            sample = read_sample(self.spec, self.folder, str(sample_id))
+            matrix.update(self.segmenter.predict(sample.image), sample.label)
+        return {"confusion": matrix.matrix[None]}
+
+
+def _distributed_confusion(
+    config: SegCLIPConfig, model_path: Path, spec: BenchmarkSpec, folder: Path
+) -> np.ndarray:
+    """The benchmark's confusion matrix from `runtime.eval_actors` model copies (Ray Data)."""
+    import ray
+
+    connect(config.runtime.ray_address)
+    ids = sample_ids(spec, folder)
+    batches = ray.data.from_items([{"id": i} for i in ids]).map_batches(
+        _ConfusionActor,
+        fn_constructor_kwargs={
+            "model_path": str(model_path),
+            "spec_name": spec.name,
+            "folder": str(folder.resolve()),
+            "config": config.model_dump(mode="json"),
+        },
+        batch_size=max(1, len(ids) // (4 * config.runtime.eval_actors)),
+        concurrency=config.runtime.eval_actors,
+        num_gpus=1 if config.runtime.use_gpu else 0,
+    )
+    return sum(row["confusion"] for row in batches.iter_rows())
+
+
+def _segmenter(model: SegCLIP, spec: BenchmarkSpec, config: SegCLIPConfig) -> Segmenter:
+    protocol = PROTOCOLS[config.eval.protocol]
+    return Segmenter(
+        model,
+        spec.text_classes,
+        protocol,
+        protocol.background_thresholds[spec.name] if spec.background else None,
+        window_batch=config.eval.window_batch,
+        bf16=config.eval.precision == "bf16",
+    )
+
+
 def results_table(results: dict[str, dict[str, float]]) -> str:
     lines = ["| benchmark | images | mIoU | pixel acc. |", "|---|---|---|---|"]
     for name, row in results.items():
@@ -107,19 +161,25 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
     def body(output_dir: Path) -> StageOutput:
         params = {f"protocol.{k}": str(v) for k, v in protocol.as_dict().items()}
         run_id = stage_run(client, config, STAGE, output_dir, inputs, params)
-        model = load_model(_model_path(inputs[0]))
+        model_path = _model_path(inputs[0])
+        model = load_model(model_path)
         torch.manual_seed(config.train.seed)
+        distributed = ray_address(config.runtime.ray_address) or config.runtime.use_gpu
         results = {}
         for spec, folder in benchmarks:
-            segmenter = Segmenter(
-                model,
-                spec.text_classes,
-                protocol,
-                protocol.background_thresholds[spec.name] if spec.background else None,
-                window_batch=config.eval.window_batch,
-                bf16=config.eval.precision == "bf16",
+            segmenter = _segmenter(model, spec, config)
+            # Locally every image goes through this process; on a cluster (or GPUs) Ray Data
+            # actors share the images and only the overlays are drawn here.
+            result = evaluate_benchmark(
+                segmenter,
+                spec,
+                folder,
+                config.eval.overlays,
+                limit=config.eval.overlays if distributed else None,
             )
-            result = evaluate_benchmark(segmenter, spec, folder, config.eval.overlays)
+            if distributed:
+                result.images = len(sample_ids(spec, folder))
+                result.confusion.matrix = _distributed_confusion(config, model_path, spec, folder)
             written = result.write(output_dir, spec.class_names)
             client.log_artifacts(run_id, str(written), artifact_path=spec.name)
             results[spec.name] = {

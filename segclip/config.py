@@ -222,6 +222,9 @@ class RuntimeConfig(_Section):
     inject_failure_at_step: int | None = Field(
         None, ge=1, description="testing fault tolerance: rank 0 crashes once at this step"
     )
+    eval_actors: int = Field(
+        2, ge=1, description="model copies evaluating in parallel on a Ray cluster or GPUs"
+    )
     ingest_processes: int = Field(2, ge=1)
     ingest_threads: int = Field(32, ge=1)
     ingest_distributor: Literal["auto", "multiprocessing", "ray"] = Field(

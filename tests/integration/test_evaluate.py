@@ -9,7 +9,7 @@ import torch
 
 from pipelines import evaluate
 from segclip.config import load_config
-from segclip.eval.datasets import get_benchmark
+from segclip.eval.datasets import get_benchmark, read_samples
 from segclip.eval.metrics import ConfusionMatrix
 from segclip.model import build_model, save_checkpoint
 from segclip.tracking import RUN_ID_FILE, tracking_client
@@ -80,3 +80,38 @@ def test_a_missing_dataset_fails_before_any_model_work(tmp_path, checkpoint):
         evaluate.run(
             configure(tmp_path, "eval.benchmarks=[vocc]"), [evaluate.checkpoint_ref(checkpoint)]
         )
+
+
+def test_ray_data_actors_give_the_same_confusion_as_the_local_loop(tmp_path, checkpoint):
+    import ray
+
+    from pipelines.ray_runtime import connect
+
+    connect(None)
+    address = ray.get_runtime_context().gcs_address
+    ref = evaluate.checkpoint_ref(checkpoint)
+    local_config = configure(tmp_path / "local", "eval.benchmarks=[demo]")
+    local = evaluate.run(local_config, [ref])
+    spread = evaluate.run(
+        configure(
+            tmp_path / "ray",
+            "eval.benchmarks=[demo]",
+            f"runtime.ray_address={address}",
+            "runtime.eval_actors=2",
+        ),
+        [ref],
+    )
+
+    def read(result):
+        return np.loadtxt(result.output_dir / "demo/confusion.csv", delimiter=",")
+
+    spec = get_benchmark("demo")
+    labelled = sum((s.label != 255).sum() for s in read_samples(spec, spec.locate(local_config)))
+    assert read(spread).sum() == labelled  # every labelled pixel of every image, once
+    # Same pixels per ground-truth class; predictions may differ only where float rounding
+    # (one torch thread per actor vs two here) flips a near-tie of a random model.
+    np.testing.assert_array_equal(read(spread).sum(1), read(local).sum(1))
+    assert np.abs(read(spread) - read(local)).sum() < 0.01 * labelled
+    spread_miou = evaluate.read_results(spread)["demo"]["miou"]
+    assert spread_miou == pytest.approx(evaluate.read_results(local)["demo"]["miou"], abs=0.01)
+    assert len(list((spread.output_dir / "demo/overlays").glob("*.png"))) == 2
