@@ -93,6 +93,21 @@ def _predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _coco_object_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "root",
+        type=Path,
+        help="the coco_stuff164k folder (images/val2017, annotations/val2017 stuffthingmaps)",
+    )
+
+
+def _coco_object_command(args: argparse.Namespace) -> int:
+    from segclip.eval.datasets import export_coco_object
+
+    print(f"wrote {export_coco_object(args.root)} COCO-Object label maps")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     help: str
@@ -110,6 +125,11 @@ COMMANDS: dict[str, Command] = {
         "segment images with any vocabulary; writes a label PNG and an overlay per image",
         _predict_arguments,
         _predict_command,
+    ),
+    "convert-coco-object": Command(
+        "write COCO-Object (81-class) label maps from COCO-Stuff-164k val annotations",
+        _coco_object_arguments,
+        _coco_object_command,
     ),
     "demo": Command(
         "train the tiny model on built-in procedural scenes (CPU, about a minute)",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from segclip.config import SegCLIPConfig
 from segclip.data.demo_data import DEMO_CLASS_NAMES, write_demo_benchmark
@@ -182,3 +183,20 @@ def read_sample(spec: BenchmarkSpec, folder: Path, sample_id: str) -> Sample:
 def read_samples(spec: BenchmarkSpec, folder: Path, limit: int | None = None) -> Iterator[Sample]:
     for sample_id in sample_ids(spec, folder)[:limit]:
         yield read_sample(spec, folder, sample_id)
+
+
+def export_coco_object(folder: str | Path) -> int:
+    """Write `{id}_object.png` (COCO-Object ids 0..80) beside each COCO-Stuff-164k val map.
+
+    The `coco_object` reader converts on the fly; this export is for tools that
+    expect the converted files. Returns the number of maps written.
+    """
+    spec = BENCHMARKS["coco_object"]
+    folder = Path(folder)
+    ids = sample_ids(spec, folder)
+    for sample_id in tqdm(ids, desc="coco-object maps", unit="map"):
+        source = folder / spec.labels.format(id=sample_id)
+        with Image.open(source) as label:
+            converted = spec.convert(np.asarray(label))
+        Image.fromarray(converted).save(source.with_name(f"{sample_id}_object.png"))
+    return len(ids)

@@ -148,6 +148,11 @@ def test_readers_convert_each_layout_to_evaluation_ids(tmp_path):
     assert obj.label.tolist() == [[1, 0, 12], [0, 0, 0]]  # raw 12 is the 12th used thing id
     (st,) = read_samples(BENCHMARKS["coco_stuff"], coco)
     assert st.label.tolist() == [[0, 255, 11], [80, 170, 255]]
+    from segclip.cli import main
+
+    assert main(["convert-coco-object", str(coco)]) == 0
+    exported = np.asarray(Image.open(coco / "annotations/val2017/000000000139_object.png"))
+    assert exported.tolist() == obj.label.tolist()
 
     city = tmp_path / "cityscapes"
     write_jpg(city / "leftImg8bit/val/bonn/bonn_000001_leftImg8bit.png", (2, 2))
