@@ -207,4 +207,5 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
     result = run_stage(STAGE, config.runtime.workdir, stage_config(config), inputs, body, force)
     if not result.skipped:
         finish_stage_run(client, result.output_dir)
+    print(f"\nprotocol {protocol.name} v{protocol.version}\n{results_table(read_results(result))}")
     return result
