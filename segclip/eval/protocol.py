@@ -6,7 +6,7 @@ with the same protocol name and version were measured the same way.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -27,26 +27,18 @@ class Protocol:
 # METHOD.md section 6 [ref]; the demo threshold is ours (a benchmark of simple shapes).
 _SEGCLIP_THRESHOLDS = {"voc": 0.80, "context": 0.25, "coco_object": 0.65, "demo": 0.5}
 
+SEGCLIP = Protocol(
+    name="segclip",
+    version=1,
+    short_side=224,
+    window=224,
+    stride=224,
+    templates=("a photo of a {}.",),
+    prior_top_k=5,
+    background_thresholds=_SEGCLIP_THRESHOLDS,
+)
 PROTOCOLS: dict[str, Protocol] = {
-    "segclip": Protocol(
-        name="segclip",
-        version=1,
-        short_side=224,
-        window=224,
-        stride=224,
-        templates=("a photo of a {}.",),
-        prior_top_k=5,
-        background_thresholds=_SEGCLIP_THRESHOLDS,
-    ),
+    "segclip": SEGCLIP,
     # The larger-input variant common in later papers (TCL, GroupViT evaluations).
-    "tcl448": Protocol(
-        name="tcl448",
-        version=1,
-        short_side=448,
-        window=448,
-        stride=224,
-        templates=("a photo of a {}.",),
-        prior_top_k=5,
-        background_thresholds=_SEGCLIP_THRESHOLDS,
-    ),
+    "tcl448": replace(SEGCLIP, name="tcl448", short_side=448, window=448),
 }
