@@ -31,6 +31,7 @@ from segclip.stage import (
     StageOutput,
     StageResult,
     file_digest,
+    keyed_dir,
     load_result,
     run_stage,
 )
@@ -148,6 +149,11 @@ def results_table(results: dict[str, dict[str, float]]) -> str:
 
 def read_results(result: StageResult) -> dict[str, dict[str, float]]:
     return json.loads((result.output_dir / RESULTS_FILE).read_text())
+
+
+def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
+    """This stage's folder for the config and inputs (finished or not), without running it."""
+    return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
 
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:

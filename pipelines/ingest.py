@@ -36,6 +36,7 @@ from segclip.stage import (
     StageResult,
     file_digest,
     json_digest,
+    keyed_dir,
     run_stage,
 )
 
@@ -325,6 +326,16 @@ def stage_config(config: SegCLIPConfig) -> dict:
     if SOURCES[config.ingest.source].uses_demo:
         settings["demo"] = config.demo.model_dump(mode="json")
     return settings
+
+
+def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef] = ()) -> Path:
+    """This stage's folder for the config and inputs (finished or not), without running it."""
+    return keyed_dir(
+        config.runtime.workdir,
+        STAGE,
+        stage_config(config),
+        SOURCES[config.ingest.source].inputs(config),
+    )
 
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef] = (), force: bool = False) -> StageResult:

@@ -18,7 +18,15 @@ import ray
 from pipelines.ray_runtime import connect
 from segclip.config import DataConfig, SegCLIPConfig
 from segclip.data.shards import ShardReport, report_path, superpixel_shard
-from segclip.stage import InputRef, ShardRef, StageOutput, StageResult, load_result, run_stage
+from segclip.stage import (
+    InputRef,
+    ShardRef,
+    StageOutput,
+    StageResult,
+    keyed_dir,
+    load_result,
+    run_stage,
+)
 
 STAGE = "superpixels"
 SHARD_DIR = "shards"
@@ -68,6 +76,11 @@ def _superpixel_shards(config: SegCLIPConfig, sources: list[str], output_dir: Pa
         ],
         timings={"shard_seconds": sum(report.seconds for report in reports)},
     )
+
+
+def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
+    """This stage's folder for the config and inputs (finished or not), without running it."""
+    return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
 
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:

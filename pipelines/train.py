@@ -22,6 +22,7 @@ from segclip.stage import (
     InputRef,
     StageOutput,
     StageResult,
+    keyed_dir,
     load_result,
     read_manifest,
     run_stage,
@@ -117,6 +118,11 @@ def _fit(
         ),
     )
     return trainer.fit()
+
+
+def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
+    """This stage's folder for the config and inputs (finished or not), without running it."""
+    return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
 
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:

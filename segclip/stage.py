@@ -99,6 +99,13 @@ def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
     return Path(workdir) / stage / key
 
 
+def keyed_dir(
+    workdir: str | Path, stage: str, config: Mapping[str, Any], inputs: Sequence[InputRef]
+) -> Path:
+    """Where the stage writes for this config and these inputs, finished or not."""
+    return stage_dir(workdir, stage, stage_key(config, inputs))
+
+
 def read_manifest(output_dir: str | Path) -> Manifest | None:
     """The finished stage's manifest, or None while the stage has not finished."""
     path = Path(output_dir) / MANIFEST_NAME
@@ -202,8 +209,7 @@ def run_stage(
     An unfinished folder is handed to `body` as it is, so the body resumes from
     whatever it completed before; `force` deletes the folder and starts over.
     """
-    key = stage_key(config, inputs)
-    output_dir = stage_dir(workdir, stage, key)
+    output_dir = keyed_dir(workdir, stage, config, inputs)
     if force and output_dir.exists():
         shutil.rmtree(output_dir)
     manifest = read_manifest(output_dir)
@@ -214,7 +220,7 @@ def run_stage(
     output = body(output_dir)
     manifest = Manifest(
         stage=stage,
-        key=key,
+        key=output_dir.name,
         config=dict(config),
         inputs=list(inputs),
         counts=output.counts,

@@ -80,6 +80,7 @@ def test_url_list_counts_each_failure_by_reason_and_keeps_going(tmp_path, served
         assert min(sample["jpg"].size) == 32  # keep_ratio: short side = image_size
         assert sample["json"]["caption"] == sample["txt"]
     assert manifest.inputs[0].path == str((tmp_path / "list.parquet").resolve())
+    assert ingest.output_dir(config) == result.output_dir  # found again from the config alone
     assert ingest.run(config).skipped
 
 

@@ -102,6 +102,7 @@ def test_rerun_skips_finished_shards_and_config_changes_get_a_new_folder(
     config = configs(tmp_path, mirror)
     upstream = [ingest.run(config).ref]
     first = superpixels.run(config, upstream)
+    assert superpixels.output_dir(config, upstream) == first.output_dir
     assert superpixels.run(config, upstream).skipped
     # Interrupted after two shards: the third shard's report and the manifest are missing.
     (first.output_dir / "manifest.json").unlink()
