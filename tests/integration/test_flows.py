@@ -56,7 +56,8 @@ def test_a_stage_alone_names_the_missing_upstream_output(tmp_path):
     from flows.stages import upstream_inputs
 
     config = load_config("tiny", [f"runtime.workdir={tmp_path}", *TINY_RUN])
+    # The earliest stage that has not finished is the one named.
     with pytest.raises(
-        FileNotFoundError, match=r"train needs the superpixels output .* run `segclip superpixels`"
+        FileNotFoundError, match=r"superpixels needs the ingest output .* run `segclip ingest`"
     ):
         upstream_inputs("train", config)
