@@ -16,7 +16,7 @@ from prefect.tasks import exponential_backoff
 import segclip  # noqa: F401  (torchvision fix before open_clip, in every flow process)
 from pipelines import evaluate, ingest, superpixels, train
 from segclip.config import SegCLIPConfig
-from segclip.stage import InputRef, manifest_ref
+from segclip.stage import InputRef, manifest_ref, read_manifest
 
 STAGES: dict[str, ModuleType] = {
     "ingest": ingest,
@@ -113,3 +113,23 @@ def pipeline_flow(config: SegCLIPConfig, force: list[str] | None = None) -> dict
         ref = stage_task(config, inputs, name in force)
         outputs[name], inputs = ref.path, [ref]
     return outputs
+
+
+def stage_status(config: SegCLIPConfig) -> list[str]:
+    """One line per stage: finished (with its counts), started, or not run; nothing is run."""
+    lines, inputs = [], []
+    for name, module in STAGES.items():
+        if inputs is None:
+            lines.append(f"{name:12s} waiting for the stage before it")
+            continue
+        folder = module.output_dir(config, inputs)
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            counts = ", ".join(f"{k}={v}" for k, v in manifest.counts.items())
+            lines.append(f"{name:12s} finished  {folder}  {counts}")
+            inputs = [manifest_ref(folder)]
+        else:
+            state = "started (will resume)" if folder.exists() else "not run"
+            lines.append(f"{name:12s} {state}  {folder}")
+            inputs = None
+    return lines

@@ -11,7 +11,7 @@ from pathlib import Path
 from segclip.config import ConfigError, available_profiles, config_to_yaml, load_config
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, default_profile: str) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str) -> None:
     parser.add_argument(
         "--profile",
         default=default_profile,
@@ -32,7 +32,7 @@ def _config_command(args: argparse.Namespace) -> int:
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_config_arguments(parser, "tiny")
+    add_config_arguments(parser, "tiny")
     parser.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
     parser.add_argument(
@@ -118,7 +118,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "config": Command(
         "print the resolved configuration of a profile plus overrides",
-        lambda parser: _add_config_arguments(parser, "paper"),
+        lambda parser: add_config_arguments(parser, "paper"),
         _config_command,
     ),
     "predict": Command(
@@ -139,21 +139,23 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segclip",
         description="SegCLIP: open-vocabulary semantic segmentation from image-text pairs.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in COMMANDS.items():
+    for name, command in commands.items():
         command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
+    """Run one command; the pipeline commands are added by flows.cli, the installed entry point."""
+    commands = commands or COMMANDS
+    args = build_parser(commands).parse_args(argv)
     try:
-        return COMMANDS[args.command].run(args)
+        return commands[args.command].run(args)
     except (ConfigError, FileNotFoundError, ConnectionError) as error:
         print(f"segclip {args.command}: {error}", file=sys.stderr)
         return 2

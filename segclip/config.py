@@ -266,8 +266,22 @@ def _read_profile(profile: str | Path) -> dict[str, Any]:
         raise ConfigError(
             f"profile {path} must hold a mapping of sections, not {type(data).__name__}"
         )
-    data.setdefault("profile", path.stem)
+    profile = data.pop("profile", path.stem)
+    base = data.pop("base", None)
+    if base is not None:  # a profile may start from another and change some fields
+        data = _merge(_read_profile(base), data)
+    data["profile"] = profile
     return data
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(tree: dict[str, Any], override: str) -> None:

@@ -63,3 +63,17 @@ def test_predict_writes_a_label_and_an_overlay_per_image(tmp_path, tiny_model, c
     assert "shapes_label.png" in capsys.readouterr().out
     assert main([*args[:-1], str(tmp_path / "nope.jpg")]) == 2
     assert "no such image: " in capsys.readouterr().err
+
+
+def test_pipeline_cli_lists_every_stage_and_reports_status_without_running(tmp_path, capsys):
+    from flows.cli import PIPELINE_COMMANDS
+    from flows.cli import main as pipeline_main
+
+    assert {"run", "ingest", "superpixels", "train", "evaluate", "status", "ui", "predict"} <= set(
+        PIPELINE_COMMANDS
+    )
+    assert pipeline_main(["status", f"runtime.workdir={tmp_path}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ingest") and "not run" in lines[0]
+    assert all("waiting for the stage before it" in line for line in lines[1:]) and len(lines) == 4
+    assert not list(tmp_path.iterdir())  # status creates nothing

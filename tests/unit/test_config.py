@@ -57,3 +57,14 @@ def test_malformed_override_and_unknown_profile():
         load_config("huge")
     with pytest.raises(ConfigError, match="is a value, not a section"):
         load_config("tiny", ["profile.x=1"])
+
+
+def test_a_profile_can_extend_another(tmp_path):
+    derived = tmp_path / "mine.yaml"
+    derived.write_text("base: tiny\ntrain:\n  steps: 7\nmodel:\n  num_centers: 4\n")
+    config = load_config(derived)
+    tiny = load_config("tiny")
+    assert config.profile == "mine" and config.train.steps == 7 and config.model.num_centers == 4
+    assert config.model.clip_model == tiny.model.clip_model  # kept from the base
+    assert config.train.global_batch_size == tiny.train.global_batch_size
+    assert load_config("demo").model == load_config("tiny").model
