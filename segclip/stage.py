@@ -96,7 +96,8 @@ def stage_key(config: Mapping[str, Any], inputs: Sequence[InputRef]) -> str:
 
 
 def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
-    return Path(workdir) / stage / key
+    """Absolute, because Ray workers (and later readers) do not share this process's cwd."""
+    return Path(workdir).resolve() / stage / key
 
 
 def keyed_dir(
@@ -193,7 +194,7 @@ class StageResult:
 def load_result(output_dir: str | Path) -> StageResult:
     """A finished stage's result from its folder, for a stage run on its own later."""
     manifest_ref(output_dir)  # raises "run that stage first" when it has not finished
-    return StageResult(Path(output_dir), read_manifest(output_dir), skipped=True)
+    return StageResult(Path(output_dir).resolve(), read_manifest(output_dir), skipped=True)
 
 
 def run_stage(

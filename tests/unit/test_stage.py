@@ -109,3 +109,14 @@ def test_run_stage_skips_finished_resumes_unfinished_and_forces(tmp_path):
     assert calls[-1] == []
     with pytest.raises(FileNotFoundError, match="run that stage first"):
         load_result(tmp_path / "demo" / "missing")
+
+
+def test_stage_folders_are_absolute_for_a_relative_workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert stage_dir("work", "ingest", "k") == tmp_path / "work" / "ingest" / "k"
+    result = run_stage(
+        "demo", "work", {}, [], lambda out: StageOutput(shards=[ShardRef(path="a.tar", samples=1)])
+    )
+    assert result.shard_paths == [
+        str(tmp_path / "work" / "demo" / result.output_dir.name / "a.tar")
+    ]
