@@ -27,7 +27,13 @@ from segclip.stage import (
     read_manifest,
     run_stage,
 )
-from segclip.tracking import finish_stage_run, set_tags, stage_run, tracking_client
+from segclip.tracking import (
+    finish_stage_run,
+    set_tags,
+    stage_run,
+    tracking_client,
+    tracking_uri,
+)
 from segclip.train.loop import MODEL_FILE, LoopSettings, train_worker
 from segclip.train.plan import TrainPlan, plan_training
 
@@ -99,6 +105,7 @@ def _fit(
         plan=plan.as_dict(),
         shards=shards,
         run_id=run_id,
+        tracking_uri=tracking_uri(config),
         start_from=str(start_from) if start_from else None,
         failure_marker=str(output_dir / ".injected_failure"),
     )

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from segclip.config import SegCLIPConfig
 from segclip.data.loader import training_loader
 from segclip.losses import LossTerms
 from segclip.model import SegCLIP, build_model, save_checkpoint
-from segclip.tracking import log_metrics, tracking_client
+from segclip.tracking import log_metrics
 from segclip.train.optim import build_optimizer, build_scheduler
 from segclip.train.plan import TrainPlan
 from segclip.train.step import TrainStep
@@ -40,6 +41,7 @@ class LoopSettings:
     plan: dict[str, int]
     shards: list[str]
     run_id: str | None = None  # the MLflow run rank 0 logs to
+    tracking_uri: str | None = None  # resolved by the driver: workers have another cwd
     start_from: str | None = None  # final state of a shorter run this one extends
     failure_marker: str | None = None  # set once an injected failure has happened
 
@@ -172,7 +174,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             epoch=step,
         )
     )
-    client = tracking_client(config) if rank == 0 and settings.run_id else None
+    client = MlflowClient(settings.tracking_uri) if rank == 0 and settings.run_id else None
     window, metrics = MetricWindow(), {}
     runtime = config.runtime
     while step < plan.total_steps:
