@@ -1,5 +1,12 @@
-"""The end-to-end Prefect flow on a tiny demo: real Prefect (temporary API), Ray and MLflow."""
+"""The end-to-end Prefect flow on a tiny demo: real Prefect (temporary API), Ray and MLflow.
 
+The flows run in a child process: a temporary Prefect server leaves threads and
+exit handlers behind that break DataLoader workers forked later by other tests.
+"""
+
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,34 +29,49 @@ TINY_RUN = [
     "eval.benchmarks=[demo]",
 ]
 
+SCENARIO = """
+import json, sys
+from flows.stages import pipeline_flow, superpixels_flow
+from segclip.config import load_config
+from segclip.stage import read_manifest
+
+config = load_config("tiny", sys.argv[1:])
+created = lambda outputs: {s: read_manifest(f).created_at for s, f in outputs.items()}
+first = pipeline_flow(config)
+report = {"first": first, "first_created": created(first)}
+report["again_created"] = created(pipeline_flow(config))
+train = config.train.model_copy(update={"lr_new": 5e-4})
+report["changed"] = pipeline_flow(config.model_copy(update={"train": train}))
+report["forced"] = pipeline_flow(config, force=["superpixels"])
+report["forced_created"] = created(report["forced"])
+report["alone"] = superpixels_flow(config)
+print("REPORT " + json.dumps(report))
+"""
+
 
 def test_pipeline_reuses_finished_stages_and_reruns_what_a_change_touches(tmp_path):
-    from flows.stages import pipeline_flow, superpixels_flow
-
-    config = load_config("tiny", [f"runtime.workdir={tmp_path}", *TINY_RUN])
-    first = pipeline_flow(config)
+    done = subprocess.run(
+        [sys.executable, "-c", SCENARIO, f"runtime.workdir={tmp_path}", *TINY_RUN],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT ", 1)[1])
+    first = report["first"]
     assert list(first) == ["ingest", "superpixels", "train", "evaluate"]
     for stage, folder in first.items():
-        manifest = read_manifest(folder)
-        assert manifest.stage == stage and Path(folder).parent.name == stage
-
-    def created(outputs):
-        return {stage: read_manifest(folder).created_at for stage, folder in outputs.items()}
-
-    before = created(first)
-    assert created(pipeline_flow(config)) == before  # everything reused
-
-    changed = pipeline_flow(
-        config.model_copy(update={"train": config.train.model_copy(update={"lr_new": 5e-4})})
-    )
+        assert read_manifest(folder).stage == stage and Path(folder).parent.name == stage
+    assert report["again_created"] == report["first_created"]  # everything reused
+    changed = report["changed"]  # a training setting: train and evaluate rerun, data reused
     assert changed["ingest"] == first["ingest"] and changed["superpixels"] == first["superpixels"]
     assert changed["train"] != first["train"] and changed["evaluate"] != first["evaluate"]
-
-    forced = pipeline_flow(config, force=["superpixels"])
+    forced = report["forced"]
     assert forced["ingest"] == first["ingest"]
-    assert created(forced)["superpixels"] != before["superpixels"]
+    assert report["forced_created"]["ingest"] == report["first_created"]["ingest"]
+    assert report["forced_created"]["superpixels"] != report["first_created"]["superpixels"]
     assert forced["train"] != first["train"]  # new superpixel manifest -> new keys downstream
-    assert superpixels_flow(config) == forced["superpixels"]  # one stage alone finds its input
+    assert report["alone"] == forced["superpixels"]  # one stage alone finds its input
 
 
 def test_a_stage_alone_names_the_missing_upstream_output(tmp_path):
