@@ -34,6 +34,7 @@ from segclip.stage import (
     keyed_dir,
     load_result,
     run_stage,
+    single_input,
 )
 from segclip.tracking import (
     finish_stage_run,
@@ -158,8 +159,7 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
     """Evaluate the model of one training output (or one checkpoint file) on eval.benchmarks."""
-    if len(inputs) != 1:
-        raise ValueError(f"the evaluate stage reads one model, got {len(inputs)}")
+    single_input(inputs, STAGE, "model (a training output or a checkpoint file)")
     benchmarks = _benchmarks(config)
     protocol = PROTOCOLS[config.eval.protocol]
     client = tracking_client(config)

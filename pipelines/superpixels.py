@@ -26,6 +26,7 @@ from segclip.stage import (
     keyed_dir,
     load_result,
     run_stage,
+    single_input,
 )
 
 STAGE = "superpixels"
@@ -85,9 +86,7 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
     """Superpixels for the shards of one finished ingest output."""
-    if len(inputs) != 1:
-        raise ValueError(f"the superpixel stage reads one ingest output, got {len(inputs)}")
-    upstream = load_result(inputs[0].path)
+    upstream = load_result(single_input(inputs, STAGE, "ingest output").path)
     return run_stage(
         STAGE,
         config.runtime.workdir,

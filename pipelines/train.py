@@ -26,6 +26,7 @@ from segclip.stage import (
     load_result,
     read_manifest,
     run_stage,
+    single_input,
 )
 from segclip.tracking import (
     finish_stage_run,
@@ -134,9 +135,7 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
 
 def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
     """Train on one finished superpixel output; skipped when this exact run has finished."""
-    if len(inputs) != 1:
-        raise ValueError(f"the training stage reads one superpixel output, got {len(inputs)}")
-    upstream = load_result(inputs[0].path)
+    upstream = load_result(single_input(inputs, STAGE, "superpixel output").path)
     plan = plan_training(config, upstream.manifest.counts["samples"])  # bad settings fail here
     client = tracking_client(config)
 

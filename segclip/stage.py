@@ -191,6 +191,13 @@ class StageResult:
         return [str(self.output_dir / shard.path) for shard in self.manifest.shards]
 
 
+def single_input(inputs: Sequence[InputRef], stage: str, expected: str) -> InputRef:
+    """The one upstream output a stage reads."""
+    if len(inputs) != 1:
+        raise ValueError(f"the {stage} stage reads one {expected}, got {len(inputs)} inputs")
+    return inputs[0]
+
+
 def load_result(output_dir: str | Path) -> StageResult:
     """A finished stage's result from its folder, for a stage run on its own later."""
     manifest_ref(output_dir)  # raises "run that stage first" when it has not finished

@@ -120,3 +120,12 @@ def test_stage_folders_are_absolute_for_a_relative_workdir(tmp_path, monkeypatch
     assert result.shard_paths == [
         str(tmp_path / "work" / "demo" / result.output_dir.name / "a.tar")
     ]
+
+
+def test_a_stage_with_one_upstream_refuses_other_input_counts():
+    from segclip.stage import single_input
+
+    ref = InputRef(path="/a", digest="d")
+    assert single_input([ref], "train", "superpixel output") == ref
+    with pytest.raises(ValueError, match="the train stage reads one superpixel output, got 2 inputs"):
+        single_input([ref, ref], "train", "superpixel output")
