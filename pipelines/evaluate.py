@@ -20,8 +20,8 @@ import torch
 from pipelines.ray_runtime import connect, ray_address
 from pipelines.train import final_model
 from segclip.config import ConfigError, SegCLIPConfig
-from segclip.eval.datasets import BenchmarkSpec, get_benchmark, read_sample, sample_ids
-from segclip.eval.evaluate import evaluate_benchmark
+from segclip.eval.datasets import BenchmarkSpec, get_benchmark, sample_ids
+from segclip.eval.evaluate import BenchmarkResult, evaluate_benchmark
 from segclip.eval.metrics import ConfusionMatrix
 from segclip.eval.protocol import PROTOCOLS
 from segclip.eval.segment import Segmenter
@@ -70,8 +70,9 @@ def _model_path(ref: InputRef) -> Path:
     return final_model(load_result(path)) if path.is_dir() else path
 
 
-def _benchmarks(config: SegCLIPConfig) -> list[tuple[BenchmarkSpec, Path]]:
-    """Each benchmark with its (checked) folder; also checks the protocol has its threshold."""
+def _benchmarks(config: SegCLIPConfig) -> list[tuple[BenchmarkSpec, Path, list[str]]]:
+    """Each benchmark with its checked folder and sample ids; also checks the protocol has
+    its threshold."""
     protocol = PROTOCOLS[config.eval.protocol]
     located = []
     for name in config.eval.benchmarks:
@@ -82,8 +83,8 @@ def _benchmarks(config: SegCLIPConfig) -> list[tuple[BenchmarkSpec, Path]]:
         if spec.background and spec.name not in protocol.background_thresholds:
             raise ConfigError(f"protocol {protocol.name!r} has no background threshold for {name}")
         folder = spec.locate(config)
-        sample_ids(spec, folder)  # raises naming the missing path and how to get the data
-        located.append((spec, folder))
+        # sample_ids raises naming the missing path and how to get the data.
+        located.append((spec, folder, sample_ids(spec, folder)))
     return located
 
 
@@ -96,21 +97,18 @@ class _ConfusionActor:
         self.segmenter = _segmenter(load_model(model_path), self.spec, self.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        matrix = ConfusionMatrix(len(self.spec.class_names))
-        for sample_id in batch["id"]:
-            sample = read_sample(self.spec, self.folder, str(sample_id))
-            matrix.update(self.segmenter.predict(sample.image), sample.label)
-        return {"confusion": matrix.matrix[None]}
+        ids = [str(sample_id) for sample_id in batch["id"]]
+        result = evaluate_benchmark(self.segmenter, self.spec, self.folder, ids, progress=False)
+        return {"confusion": result.confusion.matrix[None]}
 
 
 def _distributed_confusion(
-    config: SegCLIPConfig, model_path: Path, spec: BenchmarkSpec, folder: Path
-) -> np.ndarray:
+    config: SegCLIPConfig, model_path: Path, spec: BenchmarkSpec, folder: Path, ids: list[str]
+) -> ConfusionMatrix:
     """The benchmark's confusion matrix from `runtime.eval_actors` model copies (Ray Data)."""
     import ray
 
     connect(config.runtime.ray_address)
-    ids = sample_ids(spec, folder)
     batches = ray.data.from_items([{"id": i} for i in ids]).map_batches(
         _ConfusionActor,
         fn_constructor_kwargs={
@@ -123,7 +121,10 @@ def _distributed_confusion(
         concurrency=config.runtime.eval_actors,
         num_gpus=1 if config.runtime.use_gpu else 0,
     )
-    return sum(row["confusion"] for row in batches.iter_rows())
+    confusion = ConfusionMatrix(len(spec.class_names))
+    for row in batches.iter_rows():
+        confusion.matrix += row["confusion"]
+    return confusion
 
 
 def _segmenter(model: SegCLIP, spec: BenchmarkSpec, config: SegCLIPConfig) -> Segmenter:
@@ -172,20 +173,15 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
         torch.manual_seed(config.train.seed)
         distributed = ray_address(config.runtime.ray_address) or config.runtime.use_gpu
         results = {}
-        for spec, folder in benchmarks:
+        for spec, folder, ids in benchmarks:
             segmenter = _segmenter(model, spec, config)
-            # Locally every image goes through this process; on a cluster (or GPUs) Ray Data
-            # actors share the images and only the overlays are drawn here.
-            result = evaluate_benchmark(
-                segmenter,
-                spec,
-                folder,
-                config.eval.overlays,
-                limit=config.eval.overlays if distributed else None,
-            )
-            if distributed:
-                result.images = len(sample_ids(spec, folder))
-                result.confusion.matrix = _distributed_confusion(config, model_path, spec, folder)
+            overlays = config.eval.overlays
+            if distributed:  # Ray Data actors share the images; overlays are drawn here
+                drawn = evaluate_benchmark(segmenter, spec, folder, ids[:overlays], overlays)
+                confusion = _distributed_confusion(config, model_path, spec, folder, ids)
+                result = BenchmarkResult(spec.name, len(ids), confusion, drawn.overlays)
+            else:
+                result = evaluate_benchmark(segmenter, spec, folder, ids, overlays)
             written = result.write(output_dir, spec.class_names)
             client.log_artifacts(run_id, str(written), artifact_path=spec.name)
             results[spec.name] = {

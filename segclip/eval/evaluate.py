@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from segclip.eval.datasets import BenchmarkSpec, read_sample, sample_ids
+from segclip.eval.datasets import BenchmarkSpec, read_sample
 from segclip.eval.metrics import ConfusionMatrix
 from segclip.eval.overlay import render_overlay
 from segclip.eval.segment import Segmenter
@@ -46,12 +47,14 @@ def evaluate_benchmark(
     segmenter: Segmenter,
     spec: BenchmarkSpec,
     folder: Path,
+    ids: Sequence[str],
     overlays: int = 0,
-    limit: int | None = None,
+    progress: bool = True,
 ) -> BenchmarkResult:
-    ids = sample_ids(spec, folder)[:limit]
+    """Confusion matrix over the samples `ids`; overlays of the first `overlays` of them."""
     result = BenchmarkResult(spec.name, len(ids), ConfusionMatrix(len(spec.class_names)))
-    for index, sample_id in enumerate(tqdm(ids, desc=f"evaluate {spec.name}", unit="image")):
+    shown = tqdm(ids, desc=f"evaluate {spec.name}", unit="image", disable=not progress)
+    for index, sample_id in enumerate(shown):
         sample = read_sample(spec, folder, sample_id)
         prediction = segmenter.predict(sample.image)
         result.confusion.update(prediction, sample.label)

@@ -127,5 +127,7 @@ def test_a_stage_with_one_upstream_refuses_other_input_counts():
 
     ref = InputRef(path="/a", digest="d")
     assert single_input([ref], "train", "superpixel output") == ref
-    with pytest.raises(ValueError, match="the train stage reads one superpixel output, got 2 inputs"):
+    with pytest.raises(
+        ValueError, match="the train stage reads one superpixel output, got 2 inputs"
+    ):
         single_input([ref, ref], "train", "superpixel output")
