@@ -3,20 +3,30 @@
 Stage keys decide what runs: each task calls the stage's `run`, which returns at
 once when a finished output with the same key exists. Forcing a stage reruns it;
 its new manifest digest changes the keys of everything after it, so they rerun too.
+MLflow runs carry the Prefect flow-run id; the end-to-end flow opens a parent run
+with one child per stage (see `segclip.tracking` for reused stages).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.tasks import exponential_backoff
 
 import segclip  # noqa: F401  (torchvision fix before open_clip, in every flow process)
 from pipelines import evaluate, ingest, superpixels, train
 from segclip.config import SegCLIPConfig
 from segclip.stage import InputRef, manifest_ref, read_manifest
+from segclip.tracking import (
+    Lineage,
+    finish_pipeline_run,
+    link_stage_run,
+    start_pipeline_run,
+    tracking_client,
+)
 
 STAGES: dict[str, ModuleType] = {
     "ingest": ingest,
@@ -45,7 +55,22 @@ def upstream_inputs(stage: str, config: SegCLIPConfig) -> list[InputRef]:
         ) from None
 
 
-def _stage_task(name: str) -> Callable[..., InputRef]:
+@dataclass(frozen=True)
+class StageRun:
+    """What a stage task hands on: its output for the next stage, its MLflow run for lineage."""
+
+    output: InputRef
+    mlflow_run_id: str
+
+
+def _flow_run_tags() -> dict[str, str]:
+    return {
+        "prefect.flow_run_id": str(runtime.flow_run.id),
+        "prefect.flow": str(runtime.flow_run.flow_name),
+    }
+
+
+def _stage_task(name: str) -> Callable[..., StageRun]:
     retries = RETRIES[name]
 
     @task(
@@ -53,11 +78,13 @@ def _stage_task(name: str) -> Callable[..., InputRef]:
         retries=retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=10) if retries else 0,
     )
-    def run_stage(config: SegCLIPConfig, inputs: list[InputRef], force: bool) -> InputRef:
-        result = STAGES[name].run(config, inputs, force=force)
+    def run_stage(
+        config: SegCLIPConfig, inputs: list[InputRef], force: bool, lineage: Lineage
+    ) -> StageRun:
+        result = STAGES[name].run(config, inputs, force=force, lineage=lineage)
         state = "reused" if result.skipped else "finished"
         get_run_logger().info("%s %s: %s", name, state, result.output_dir)
-        return result.ref
+        return StageRun(result.ref, link_stage_run(tracking_client(config), result, lineage))
 
     return run_stage
 
@@ -66,7 +93,8 @@ STAGE_TASKS = {name: _stage_task(name) for name in STAGES}
 
 
 def _run_alone(stage: str, config: SegCLIPConfig, force: bool) -> str:
-    return STAGE_TASKS[stage](config, upstream_inputs(stage, config), force).path
+    lineage = Lineage(tags=_flow_run_tags())
+    return STAGE_TASKS[stage](config, upstream_inputs(stage, config), force, lineage).output.path
 
 
 @flow(name="segclip-ingest")
@@ -108,10 +136,18 @@ def pipeline_flow(config: SegCLIPConfig, force: list[str] | None = None) -> dict
     unknown = set(force) - set(STAGES)
     if unknown:
         raise ValueError(f"cannot force {sorted(unknown)}: stages are {list(STAGES)}")
-    outputs, inputs = {}, []
-    for name, stage_task in STAGE_TASKS.items():
-        ref = stage_task(config, inputs, name in force)
-        outputs[name], inputs = ref.path, [ref]
+    lineage = start_pipeline_run(config, f"pipeline-{runtime.flow_run.name}", _flow_run_tags())
+    outputs: dict[str, str] = {}
+    stage_runs: dict[str, str] = {}
+    inputs: list[InputRef] = []
+    try:
+        for name, stage_task in STAGE_TASKS.items():
+            done = stage_task(config, inputs, name in force, lineage)
+            outputs[name], inputs = done.output.path, [done.output]
+            stage_runs[name] = done.mlflow_run_id
+    finally:
+        failed = len(stage_runs) < len(STAGE_TASKS)
+        finish_pipeline_run(config, lineage, stage_runs, failed)
     return outputs
 
 

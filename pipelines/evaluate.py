@@ -20,6 +20,7 @@ import torch
 from pipelines.ray_runtime import connect, ray_address
 from pipelines.train import final_model
 from segclip.config import ConfigError, SegCLIPConfig
+from segclip.data.demo_data import demo_data_key
 from segclip.eval.datasets import BenchmarkSpec, get_benchmark, sample_ids
 from segclip.eval.evaluate import BenchmarkResult, evaluate_benchmark
 from segclip.eval.metrics import ConfusionMatrix
@@ -33,15 +34,9 @@ from segclip.stage import (
     file_digest,
     keyed_dir,
     load_result,
-    run_stage,
     single_input,
 )
-from segclip.tracking import (
-    finish_stage_run,
-    log_metrics,
-    stage_run,
-    tracking_client,
-)
+from segclip.tracking import NO_LINEAGE, Lineage, TrackedRun, log_metrics, tracked_stage
 
 STAGE = "evaluate"
 RESULTS_FILE = "results.json"
@@ -53,7 +48,7 @@ def stage_config(config: SegCLIPConfig) -> dict[str, Any]:
         "protocol": PROTOCOLS[config.eval.protocol].as_dict(),
     }
     if "demo" in config.eval.benchmarks:
-        settings["demo"] = config.demo.model_dump(mode="json")
+        settings["demo"] = demo_data_key(config.demo)
     return settings
 
 
@@ -158,16 +153,19 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
     return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
 
 
-def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
+def run(
+    config: SegCLIPConfig,
+    inputs: Sequence[InputRef],
+    force: bool = False,
+    lineage: Lineage = NO_LINEAGE,
+) -> StageResult:
     """Evaluate the model of one training output (or one checkpoint file) on eval.benchmarks."""
     single_input(inputs, STAGE, "model (a training output or a checkpoint file)")
     benchmarks = _benchmarks(config)
     protocol = PROTOCOLS[config.eval.protocol]
-    client = tracking_client(config)
 
-    def body(output_dir: Path) -> StageOutput:
-        params = {f"protocol.{k}": str(v) for k, v in protocol.as_dict().items()}
-        run_id = stage_run(client, config, STAGE, output_dir, inputs, params)
+    def body(output_dir: Path, tracked: TrackedRun) -> StageOutput:
+        client, run_id = tracked.client, tracked.run_id
         model_path = _model_path(inputs[0])
         model = load_model(model_path)
         torch.manual_seed(config.train.seed)
@@ -206,8 +204,9 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
             counts={f"images/{name}": int(r["images"]) for name, r in results.items()}
         )
 
-    result = run_stage(STAGE, config.runtime.workdir, stage_config(config), inputs, body, force)
-    if not result.skipped:
-        finish_stage_run(client, result.output_dir)
+    params = {f"protocol.{k}": str(v) for k, v in protocol.as_dict().items()}
+    result = tracked_stage(
+        STAGE, config, stage_config(config), inputs, body, force, lineage, params
+    )
     print(f"\nprotocol {protocol.name} v{protocol.version}\n{results_table(read_results(result))}")
     return result

@@ -16,7 +16,6 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipelines.ray_runtime import connect, ray_address
 from segclip.config import ConfigError, SegCLIPConfig
-from segclip.data.demo_data import write_demo_source
+from segclip.data.demo_data import demo_data_key, write_demo_source
 from segclip.data.serve import serve_directory
 from segclip.data.shards import IMAGE_EXTENSIONS
 from segclip.io import atomic_path
@@ -37,8 +36,8 @@ from segclip.stage import (
     file_digest,
     json_digest,
     keyed_dir,
-    run_stage,
 )
+from segclip.tracking import NO_LINEAGE, Lineage, tracked_stage
 
 STAGE = "ingest"
 SHARD_DIR = "shards"
@@ -324,7 +323,7 @@ def stage_config(config: SegCLIPConfig) -> dict:
     """The settings the ingest output depends on (the stage key digests these)."""
     settings = {"ingest": config.ingest.model_dump(mode="json")}
     if SOURCES[config.ingest.source].uses_demo:
-        settings["demo"] = config.demo.model_dump(mode="json")
+        settings["demo"] = demo_data_key(config.demo)
     return settings
 
 
@@ -338,15 +337,21 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef] = ()) -> Path:
     )
 
 
-def run(config: SegCLIPConfig, inputs: Sequence[InputRef] = (), force: bool = False) -> StageResult:
+def run(
+    config: SegCLIPConfig,
+    inputs: Sequence[InputRef] = (),
+    force: bool = False,
+    lineage: Lineage = NO_LINEAGE,
+) -> StageResult:
     """Ingest the configured source; skipped when this exact ingest has finished before."""
     del inputs  # the source is named by the config; its files are digested as the inputs
     source = SOURCES[config.ingest.source]
-    return run_stage(
+    return tracked_stage(
         STAGE,
-        config.runtime.workdir,
+        config,
         stage_config(config),
         source.inputs(config),
-        partial(source.ingest, config),
-        force=force,
+        lambda output_dir, _tracked: source.ingest(config, output_dir),
+        force,
+        lineage,
     )

@@ -25,9 +25,9 @@ from segclip.stage import (
     StageResult,
     keyed_dir,
     load_result,
-    run_stage,
     single_input,
 )
+from segclip.tracking import NO_LINEAGE, Lineage, tracked_stage
 
 STAGE = "superpixels"
 SHARD_DIR = "shards"
@@ -84,14 +84,20 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
     return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
 
 
-def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
+def run(
+    config: SegCLIPConfig,
+    inputs: Sequence[InputRef],
+    force: bool = False,
+    lineage: Lineage = NO_LINEAGE,
+) -> StageResult:
     """Superpixels for the shards of one finished ingest output."""
     upstream = load_result(single_input(inputs, STAGE, "ingest output").path)
-    return run_stage(
+    return tracked_stage(
         STAGE,
-        config.runtime.workdir,
+        config,
         stage_config(config),
         inputs,
-        lambda output_dir: _superpixel_shards(config, upstream.shard_paths, output_dir),
-        force=force,
+        lambda output_dir, _tracked: _superpixel_shards(config, upstream.shard_paths, output_dir),
+        force,
+        lineage,
     )

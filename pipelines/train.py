@@ -25,21 +25,22 @@ from segclip.stage import (
     keyed_dir,
     load_result,
     read_manifest,
-    run_stage,
     single_input,
 )
 from segclip.tracking import (
-    finish_stage_run,
+    NO_LINEAGE,
+    Lineage,
+    TrackedRun,
     set_tags,
-    stage_run,
-    tracking_client,
+    tracked_stage,
     tracking_uri,
 )
-from segclip.train.loop import MODEL_FILE, LoopSettings, train_worker
+from segclip.train.loop import MODEL_FILE, LoopSettings, saved_step, train_worker
 from segclip.train.plan import TrainPlan, plan_training
 
 STAGE = "train"
 FINAL_DIR = "final"
+RAY_DIR = "ray"  # Ray Train's run folder (its checkpoints) inside the stage folder
 # Settings a run may change and still continue from a shorter run's final state.
 EXTENSION_FIELDS = ("steps", "epochs")
 
@@ -77,6 +78,14 @@ def _run_to_extend(config: SegCLIPConfig, inputs: Sequence[InputRef], steps: int
         ):
             best = (done, manifest_path.parent / FINAL_DIR)
     return best[1] if best else None
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    """This run's newest complete checkpoint folder. Ray restores the checkpoints it recorded;
+    a run interrupted between a checkpoint's upload and Ray's record of it leaves only the
+    folder, which this finds."""
+    folders = sorted((output_dir / RAY_DIR).glob("checkpoint_*"), reverse=True)  # time-stamped
+    return next((folder for folder in folders if saved_step(folder) is not None), None)
 
 
 def _cpus_per_worker(configured: int | None, plan: TrainPlan) -> int:
@@ -119,7 +128,7 @@ def _fit(
             resources_per_worker={"CPU": _cpus_per_worker(runtime.cpus_per_worker, plan)},
         ),
         run_config=ray.train.RunConfig(
-            name="ray",
+            name=RAY_DIR,
             storage_path=str(output_dir.resolve()),
             failure_config=ray.train.FailureConfig(max_failures=runtime.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=runtime.keep_checkpoints),
@@ -133,24 +142,28 @@ def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
     return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
 
 
-def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) -> StageResult:
+def run(
+    config: SegCLIPConfig,
+    inputs: Sequence[InputRef],
+    force: bool = False,
+    lineage: Lineage = NO_LINEAGE,
+) -> StageResult:
     """Train on one finished superpixel output; skipped when this exact run has finished."""
     upstream = load_result(single_input(inputs, STAGE, "superpixel output").path)
     plan = plan_training(config, upstream.manifest.counts["samples"])  # bad settings fail here
-    client = tracking_client(config)
 
-    def body(output_dir: Path) -> StageOutput:
-        # A restarted run continues from its own latest checkpoint when it has one.
-        start_from = _run_to_extend(config, inputs, plan.total_steps)
-        plan_params = {f"plan.{k}": str(v) for k, v in plan.as_dict().items()}
-        run_id = stage_run(client, config, STAGE, output_dir, inputs, plan_params)
-        if start_from is not None:
-            set_tags(client, run_id, {"segclip.extends": str(start_from.parent)})
+    def body(output_dir: Path, tracked: TrackedRun) -> StageOutput:
+        # A restarted run continues from its own latest checkpoint; a new one may extend a
+        # shorter finished run.
+        extends = _run_to_extend(config, inputs, plan.total_steps)
+        if extends is not None:
+            set_tags(tracked.client, tracked.run_id, {"segclip.extends": str(extends.parent)})
+        start_from = _latest_checkpoint(output_dir) or extends
         start = time.perf_counter()
-        result = _fit(config, plan, upstream.shard_paths, run_id, output_dir, start_from)
+        result = _fit(config, plan, upstream.shard_paths, tracked.run_id, output_dir, start_from)
         with result.checkpoint.as_directory() as folder:
             shutil.copytree(folder, output_dir / FINAL_DIR, dirs_exist_ok=True)
-        client.log_artifact(run_id, str(output_dir / FINAL_DIR / MODEL_FILE))
+        tracked.client.log_artifact(tracked.run_id, str(output_dir / FINAL_DIR / MODEL_FILE))
         return StageOutput(
             counts={
                 "steps": plan.total_steps,
@@ -160,7 +173,7 @@ def run(config: SegCLIPConfig, inputs: Sequence[InputRef], force: bool = False) 
             timings={"fit": time.perf_counter() - start},
         )
 
-    result = run_stage(STAGE, config.runtime.workdir, stage_config(config), inputs, body, force)
-    if not result.skipped:
-        finish_stage_run(client, result.output_dir)
-    return result
+    plan_params = {f"plan.{k}": str(v) for k, v in plan.as_dict().items()}
+    return tracked_stage(
+        STAGE, config, stage_config(config), inputs, body, force, lineage, plan_params
+    )

@@ -3,6 +3,13 @@
 Default store: `<workdir>/mlflow.db` (SQLite) with artifacts in
 `<workdir>/mlartifacts`; `runtime.tracking_uri` or `MLFLOW_TRACKING_URI` points
 at any other store, e.g. an MLflow server.
+
+Lineage: each stage output has one MLflow run, created when the stage first
+runs. An end-to-end run gets a parent run; the stages it runs become its
+children, and a stage whose output it reuses (or whose run began under an
+earlier parent, as when an interrupted training resumes) gets a link child that
+names the producing run and carries a copy of its latest metrics, so every
+parent shows all four stages side by side.
 """
 
 from __future__ import annotations
@@ -11,15 +18,17 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from segclip.config import SegCLIPConfig
-from segclip.stage import InputRef
+from segclip.stage import InputRef, StageOutput, StageResult, code_revision, run_stage
 
 EXPERIMENT = "segclip"
 RUN_ID_FILE = "mlflow_run_id"
@@ -94,6 +103,30 @@ def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None
     client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Where new runs belong: the end-to-end parent run (if any) and orchestrator tags
+    (e.g. the Prefect flow-run id)."""
+
+    parent_run_id: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def run_tags(self) -> dict[str, str]:
+        parent = {MLFLOW_PARENT_RUN_ID: self.parent_run_id} if self.parent_run_id else {}
+        return {**self.tags, **parent, MLFLOW_GIT_COMMIT: code_revision()}
+
+
+NO_LINEAGE = Lineage()  # a stage run on its own, outside any orchestrator
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """A stage's MLflow run, handed to the stage body so it can log to it."""
+
+    client: MlflowClient
+    run_id: str
+
+
 def stage_run(
     client: MlflowClient,
     config: SegCLIPConfig,
@@ -101,6 +134,7 @@ def stage_run(
     output_dir: Path,
     inputs: Sequence[InputRef],
     params: Mapping[str, str],
+    lineage: Lineage,
 ) -> str:
     """The MLflow run of one stage output, created once: an interrupted stage that resumes
     keeps logging into the same run. Tags link it to its stage key and input manifests."""
@@ -110,7 +144,11 @@ def stage_run(
     run = client.create_run(
         experiment_id(client, config),
         run_name=f"{stage}-{output_dir.name}",
-        tags={"segclip.stage": stage, "segclip.stage_key": output_dir.name},
+        tags={
+            **lineage.run_tags(),
+            "segclip.stage": stage,
+            "segclip.stage_key": output_dir.name,
+        },
     )
     run_id = run.info.run_id
     log_params(client, run_id, {**flatten(config.model_dump(mode="json")), **params})
@@ -126,8 +164,101 @@ def stage_run(
     return run_id
 
 
-def finish_stage_run(client: MlflowClient, output_dir: Path) -> None:
-    """Attach the finished stage's manifest and mark its run finished."""
-    run_id = (output_dir / RUN_ID_FILE).read_text().strip()
-    client.log_artifact(run_id, str(output_dir / "manifest.json"))
-    client.set_terminated(run_id)
+def tracked_stage(
+    stage: str,
+    config: SegCLIPConfig,
+    stage_config: Mapping[str, Any],
+    inputs: Sequence[InputRef],
+    body: Callable[[Path, TrackedRun], StageOutput],
+    force: bool,
+    lineage: Lineage,
+    params: Mapping[str, str] | None = None,
+) -> StageResult:
+    """`run_stage` with the stage's MLflow run: created (or reopened) before the body runs,
+    marked failed if it raises, given the manifest and counts when it finishes."""
+    client = tracking_client(config)
+
+    def tracked_body(output_dir: Path) -> StageOutput:
+        run_id = stage_run(client, config, stage, output_dir, inputs, params or {}, lineage)
+        try:
+            return body(output_dir, TrackedRun(client, run_id))
+        except BaseException:
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+
+    result = run_stage(stage, config.runtime.workdir, stage_config, inputs, tracked_body, force)
+    if not result.skipped:
+        run_id = produced_by(result.output_dir)
+        log_metrics(
+            client, run_id, {f"count/{k}": v for k, v in result.manifest.counts.items()}, step=0
+        )
+        client.log_artifact(run_id, str(result.output_dir / "manifest.json"))
+        client.set_terminated(run_id)
+    return result
+
+
+def produced_by(output_dir: Path) -> str:
+    """The id of the MLflow run that produced a stage output."""
+    return (output_dir / RUN_ID_FILE).read_text().strip()
+
+
+def latest_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    return dict(client.get_run(run_id).data.metrics)
+
+
+def link_stage_run(client: MlflowClient, result: StageResult, lineage: Lineage) -> str:
+    """The stage's run as seen from `lineage`'s parent: the producing run itself when it is
+    already a child of that parent, else a new link child naming it, with its metrics."""
+    source_id = produced_by(result.output_dir)
+    source = client.get_run(source_id)
+    if lineage.parent_run_id is None or source.data.tags.get(MLFLOW_PARENT_RUN_ID) == (
+        lineage.parent_run_id
+    ):
+        return source_id
+    stage = source.data.tags["segclip.stage"]
+    state = "reused" if result.skipped else "resumed"
+    link = client.create_run(
+        source.info.experiment_id,
+        run_name=f"{stage}-{result.output_dir.name} ({state})",
+        tags={
+            **lineage.run_tags(),
+            "segclip.stage": stage,
+            "segclip.stage_key": result.output_dir.name,
+            "segclip.produced_by": source_id,
+            "segclip.link": state,
+        },
+    )
+    log_params(client, link.info.run_id, dict(source.data.params))
+    log_metrics(client, link.info.run_id, latest_metrics(client, source_id), step=0)
+    client.set_terminated(link.info.run_id)
+    return link.info.run_id
+
+
+def start_pipeline_run(
+    config: SegCLIPConfig, name: str | None, lineage_tags: Mapping[str, str]
+) -> Lineage:
+    """The parent run of one end-to-end run; its stages become its children."""
+    client = tracking_client(config)
+    run = client.create_run(
+        experiment_id(client, config),
+        run_name=name,
+        tags={**Lineage(tags=lineage_tags).run_tags(), "segclip.stage": "pipeline"},
+    )
+    log_params(client, run.info.run_id, flatten(config.model_dump(mode="json")))
+    return Lineage(parent_run_id=run.info.run_id, tags=lineage_tags)
+
+
+def finish_pipeline_run(
+    config: SegCLIPConfig, lineage: Lineage, stage_runs: Mapping[str, str], failed: bool
+) -> None:
+    """Record which run each stage came from and copy the last stage's metrics (the benchmark
+    results, once evaluation ran) onto the parent, so parents compare directly in the UI."""
+    client = tracking_client(config)
+    parent = lineage.parent_run_id
+    assert parent is not None, "a pipeline run has a parent run"
+    set_tags(client, parent, {f"segclip.run.{stage}": run for stage, run in stage_runs.items()})
+    if stage_runs:
+        last = list(stage_runs.values())[-1]
+        log_metrics(client, parent, latest_metrics(client, last), step=0)
+    status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    client.set_terminated(parent, RunStatus.to_string(status))

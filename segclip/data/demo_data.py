@@ -14,12 +14,17 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from segclip.config import DemoDataConfig
-from segclip.data.scenes import CATEGORIES, Scene, render_scene
+from segclip.data.scenes import CATEGORIES, SCENES_VERSION, Scene, render_scene
 from segclip.data.voc import SPLIT_DIR, mark_borders, write_voc_split
 from segclip.io import atomic_path
 
 DEMO_CLASS_NAMES = ("background", *CATEGORIES)
 CAPTIONS_FILE = "captions.parquet"
+
+
+def demo_data_key(config: DemoDataConfig) -> dict:
+    """What the generated demo data depends on: its settings and the scene generator's version."""
+    return {**config.model_dump(mode="json"), "scenes_version": SCENES_VERSION}
 
 
 def demo_scene(seed: int, index: int, size: int) -> Scene:

@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from segclip.config import SegCLIPConfig
-from segclip.data.demo_data import DEMO_CLASS_NAMES, write_demo_benchmark
+from segclip.data.demo_data import DEMO_CLASS_NAMES, demo_data_key, write_demo_benchmark
 from segclip.data.voc import IGNORE_INDEX
 from segclip.eval import class_names as names
 from segclip.stage import json_digest
@@ -59,7 +59,7 @@ cityscapes_train_ids = _lookup({raw: i for i, raw in enumerate(names.CITYSCAPES_
 
 def _demo_benchmark(root: Path, config: SegCLIPConfig) -> Path:
     """One folder per demo configuration, so a changed seed or size never reuses old files."""
-    digest = json_digest(config.demo.model_dump(mode="json"))[:12]
+    digest = json_digest(demo_data_key(config.demo))[:12]
     return write_demo_benchmark(root / f"demo-{digest}", config.demo)
 
 

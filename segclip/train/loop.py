@@ -3,14 +3,17 @@
 Rank 0 logs metrics to MLflow every `runtime.log_every` steps and writes a
 checkpoint every `runtime.checkpoint_every` steps through `ray.train.report`,
 which every rank calls together. A restarted worker group (after a crash, or a
-rerun of an interrupted stage) resumes from the latest reported checkpoint.
+rerun of an interrupted stage) resumes from the latest reported checkpoint, or,
+when none was recorded, from the stage's newest complete checkpoint folder.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 from mlflow.tracking import MlflowClient
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from segclip.config import SegCLIPConfig
@@ -30,6 +34,7 @@ from segclip.train.plan import TrainPlan
 from segclip.train.step import TrainStep
 
 MODEL_FILE = "model.safetensors"
+RESUMED = "training resumed at step"  # printed by rank 0, followed by the step and the total
 STATE_FILE = "state.pt"
 
 
@@ -61,6 +66,17 @@ def save_training_state(folder: Path, step_fn: TrainStep, step: int) -> None:
     )
 
 
+def saved_step(folder: Path) -> int | None:
+    """The step a checkpoint folder holds, or None when it is incomplete (e.g. cut off while
+    being copied to storage)."""
+    try:
+        with safe_open(str(folder / MODEL_FILE), framework="pt") as model:
+            model.keys()
+        return int(torch.load(folder / STATE_FILE, weights_only=False, map_location="cpu")["step"])
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError):
+        return None
+
+
 def load_training_state(folder: Path, step_fn: TrainStep, total_steps: int) -> int:
     """Restore what `save_training_state` wrote; returns the step to continue from.
 
@@ -73,7 +89,9 @@ def load_training_state(folder: Path, step_fn: TrainStep, total_steps: int) -> i
     step_fn.scaler.load_state_dict(state["scaler"])
     step = min(state["step"], total_steps)
     step_fn.scheduler.last_epoch = step - 1
-    step_fn.scheduler.step()
+    with warnings.catch_warnings():  # "scheduler before optimizer": intended, nothing is skipped
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        step_fn.scheduler.step()
     torch.set_rng_state(state["torch_rng"])
     return step
 
@@ -159,6 +177,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             step = load_training_state(Path(folder), step_fn, plan.total_steps)
     elif settings.start_from:
         step = load_training_state(Path(settings.start_from), step_fn, plan.total_steps)
+    if step and rank == 0:
+        print(f"{RESUMED} {step} of {plan.total_steps}", flush=True)
 
     # Resampled shards: a restart draws a fresh stream (seeded by the step) rather than
     # replaying the samples it has already seen.

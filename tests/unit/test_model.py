@@ -152,3 +152,47 @@ def test_accumulated_micro_batches_take_one_optimiser_step(tiny_model, tiny_conf
     assert torch.isfinite(terms.total) and terms.total.requires_grad is False
     expected = terms.contrastive + terms.superpixel_kl + terms.reconstruction  # weights are 1
     assert torch.allclose(terms.total, expected, atol=1e-5)
+
+
+def test_training_state_round_trip_and_incomplete_folders(tiny_model, tiny_config, tmp_path):
+    from segclip.model import build_model
+    from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
+    from segclip.train.loop import (
+        MODEL_FILE,
+        STATE_FILE,
+        load_training_state,
+        save_training_state,
+        saved_step,
+    )
+
+    def new_step(model):
+        optimizer = build_optimizer(model, tiny_config.train)
+        scheduler = build_scheduler(optimizer, tiny_config.train, 20)
+        return TrainStep(model, optimizer, scheduler, tiny_config.loss, tiny_config.train)
+
+    saved = new_step(tiny_model)
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    batch = Batch(images, CaptionTokenizer(tiny_config.model)(["a", "b"]), torch.zeros(2, 64))
+    for _ in range(2):
+        saved(batch)
+    save_training_state(tmp_path, saved, step=2)
+    assert saved_step(tmp_path) == 2
+
+    restored = new_step(build_model(tiny_config.model))
+    assert load_training_state(tmp_path, restored, total_steps=20) == 2
+    assert restored.scheduler.get_last_lr() == saved.scheduler.get_last_lr()
+    moments = restored.optimizer.state_dict()["state"]
+    assert moments and all(
+        torch.equal(moments[k]["exp_avg"], v["exp_avg"])
+        for k, v in saved.optimizer.state_dict()["state"].items()
+    )
+    for name, value in tiny_model.state_dict().items():
+        assert torch.equal(restored.segclip.state_dict()[name], value), name
+
+    # A folder cut off while being copied is not a resume point.
+    state = (tmp_path / STATE_FILE).read_bytes()
+    (tmp_path / STATE_FILE).write_bytes(state[: len(state) // 2])
+    assert saved_step(tmp_path) is None
+    (tmp_path / STATE_FILE).write_bytes(state)
+    (tmp_path / MODEL_FILE).unlink()
+    assert saved_step(tmp_path) is None
