@@ -21,6 +21,7 @@ from pipelines.ray_runtime import connect, ray_address
 from pipelines.train import final_model
 from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import demo_data_key
+from segclip.eval.baselines import BASELINES
 from segclip.eval.datasets import BenchmarkSpec, get_benchmark, sample_ids
 from segclip.eval.evaluate import BenchmarkResult, evaluate_benchmark
 from segclip.eval.metrics import ConfusionMatrix
@@ -134,17 +135,39 @@ def _segmenter(model: SegCLIP, spec: BenchmarkSpec, config: SegCLIPConfig) -> Se
     )
 
 
-def results_table(results: dict[str, dict[str, float]]) -> str:
-    lines = ["| benchmark | images | mIoU | pixel acc. |", "|---|---|---|---|"]
+def _scores(result: BenchmarkResult) -> dict[str, float]:
+    return {"miou": result.mean_iou, "pixel_accuracy": result.confusion.pixel_accuracy()}
+
+
+def _baselines(
+    config: SegCLIPConfig, segmenter: Segmenter, spec: BenchmarkSpec, folder: Path, ids: list[str]
+) -> dict[str, dict[str, float]]:
+    """The configured trivial baselines on this benchmark (those defined for it), locally."""
+    scores = {}
+    for name in config.eval.baselines:
+        baseline = BASELINES[name]
+        if baseline.needs_background and not spec.background:
+            continue
+        predictor = baseline.build(segmenter, spec, config.train.seed)
+        result = evaluate_benchmark(predictor, spec, folder, ids, progress=False)
+        scores[name] = _scores(result)
+    return scores
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: each benchmark's model row, then its baseline rows."""
+    lines = ["| benchmark | predictions | images | mIoU | pixel acc. |", "|---|---|---|---|---|"]
     for name, row in results.items():
-        lines.append(
-            f"| {name} | {row['images']} | {100 * row['miou']:.1f} | "
-            f"{100 * row['pixel_accuracy']:.1f} |"
-        )
+        rows = {"model": row} | {f"baseline: {b}": s for b, s in row.get("baselines", {}).items()}
+        for label, scores in rows.items():
+            lines.append(
+                f"| {name} | {label} | {row['images']} | {100 * scores['miou']:.1f} | "
+                f"{100 * scores['pixel_accuracy']:.1f} |"
+            )
     return "\n".join(lines)
 
 
-def read_results(result: StageResult) -> dict[str, dict[str, float]]:
+def read_results(result: StageResult) -> dict[str, dict[str, Any]]:
     return json.loads((result.output_dir / RESULTS_FILE).read_text())
 
 
@@ -182,20 +205,16 @@ def run(
                 result = evaluate_benchmark(segmenter, spec, folder, ids, overlays)
             written = result.write(output_dir, spec.class_names)
             client.log_artifacts(run_id, str(written), artifact_path=spec.name)
-            results[spec.name] = {
-                "images": result.images,
-                "miou": result.mean_iou,
-                "pixel_accuracy": result.confusion.pixel_accuracy(),
+            results[spec.name] = {"images": result.images, **_scores(result)}
+            baselines = _baselines(config, segmenter, spec, folder, ids)
+            if baselines:
+                results[spec.name]["baselines"] = baselines
+            metrics = {f"{k}/{spec.name}": v for k, v in _scores(result).items()} | {
+                f"baseline/{name}/{k}/{spec.name}": v
+                for name, scores in baselines.items()
+                for k, v in scores.items()
             }
-            log_metrics(
-                client,
-                run_id,
-                {
-                    f"miou/{spec.name}": result.mean_iou,
-                    f"pixel_accuracy/{spec.name}": results[spec.name]["pixel_accuracy"],
-                },
-                step=0,
-            )
+            log_metrics(client, run_id, metrics, step=0)
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         (output_dir / "protocol.json").write_text(json.dumps(protocol.as_dict(), indent=2))
         client.log_artifact(run_id, str(output_dir / RESULTS_FILE))

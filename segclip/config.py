@@ -128,6 +128,11 @@ class EvalConfig(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     window_batch: int = Field(16, ge=1, description="sliding windows encoded per forward pass")
     overlays: int = Field(4, ge=0, description="overlay images logged per benchmark")
+    baselines: tuple[Literal["all_background", "random_centers"], ...] = Field(
+        (),
+        description="trivial baselines evaluated beside the model: all_background (every "
+        "pixel background), random_centers (the model's grouping, random class per center)",
+    )
 
     @model_validator(mode="after")
     def _check_protocol(self) -> EvalConfig:

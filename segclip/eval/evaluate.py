@@ -6,6 +6,7 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -14,7 +15,12 @@ from tqdm import tqdm
 from segclip.eval.datasets import BenchmarkSpec, read_sample
 from segclip.eval.metrics import ConfusionMatrix
 from segclip.eval.overlay import render_overlay
-from segclip.eval.segment import Segmenter
+
+
+class Predictor(Protocol):
+    """Anything that labels an image: a `Segmenter` or a baseline."""
+
+    def predict(self, image: np.ndarray) -> np.ndarray: ...
 
 
 @dataclass
@@ -44,7 +50,7 @@ class BenchmarkResult:
 
 
 def evaluate_benchmark(
-    segmenter: Segmenter,
+    segmenter: Predictor,
     spec: BenchmarkSpec,
     folder: Path,
     ids: Sequence[str],

@@ -7,7 +7,7 @@ embedding (for the class prior), and windows are encoded in batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from segclip.data.transforms import normalize_images
 from segclip.eval.protocol import Protocol
-from segclip.model import CaptionTokenizer, SegCLIP, VisionMode
+from segclip.model import CaptionTokenizer, ImageEncoding, SegCLIP, VisionMode
 
 AFFINITY_SCALE = 100.0  # [ref]: fixed, not the learned logit scale
 
@@ -70,8 +70,16 @@ def apply_background(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.where(best < tau, 0, label + 1)
 
 
+# Encoded windows and class text embeddings (K, E) -> center-class scores (B, G, K).
+CenterLabeller = Callable[[ImageEncoding, torch.Tensor], torch.Tensor]
+
+
 class Segmenter:
-    """Open-vocabulary segmentation of whole images under one protocol."""
+    """Open-vocabulary segmentation of whole images under one protocol.
+
+    `labeller` scores each center against the classes; the default is the
+    protocol's text affinity, a baseline may replace it (see `baselines`).
+    """
 
     def __init__(
         self,
@@ -81,6 +89,7 @@ class Segmenter:
         background_threshold: float | None,
         window_batch: int = 16,
         bf16: bool = False,
+        labeller: CenterLabeller | None = None,
     ) -> None:
         self.model = model.eval()
         self.protocol = protocol
@@ -88,6 +97,15 @@ class Segmenter:
         self.window_batch = window_batch
         self.bf16 = bf16
         self.text = class_text_embeddings(model, class_names, protocol.templates)
+        self.labeller = labeller or self._text_affinity
+
+    def _text_affinity(self, encoding: ImageEncoding, text: torch.Tensor) -> torch.Tensor:
+        return center_class_affinity(
+            encoding.center_embeddings.float(),
+            encoding.embedding.float(),
+            text,
+            self.protocol.prior_top_k,
+        )
 
     @torch.inference_mode()
     def scores(self, image: np.ndarray) -> torch.Tensor:
@@ -116,12 +134,7 @@ class Segmenter:
         """(B, 3, h, w) -> (B, K, h, w): each pixel takes the affinity row of its argmax center."""
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             encoding = self.model.encode_image(crops, VisionMode.INFER)
-        affinity = center_class_affinity(
-            encoding.center_embeddings.float(),
-            encoding.embedding.float(),
-            self.text,
-            self.protocol.prior_top_k,
-        )  # (B, G, K)
+        affinity = self.labeller(encoding, self.text)  # (B, G, K)
         batch, groups = affinity.shape[:2]
         soft = encoding.soft_assign.float().reshape(batch, groups, *encoding.grid)
         soft = F.interpolate(soft, crops.shape[-2:], mode="bilinear", align_corners=False)

@@ -186,3 +186,43 @@ def test_missing_data_names_the_path_and_how_to_get_it(tmp_path):
         FileNotFoundError, match=r"expected its label map at .*annotations/val2017/1.png"
     ):
         sample_ids(BENCHMARKS["coco_object"], tmp_path / "coco")
+
+
+def test_random_center_baseline_gives_each_center_one_class_or_background():
+    from types import SimpleNamespace
+
+    from segclip.eval.baselines import random_center_labeller
+
+    encoding = SimpleNamespace(center_embeddings=torch.zeros(50, 8, 4))  # all it reads
+    text = torch.zeros(3, 4)  # three classes
+    scores = random_center_labeller(seed=0, background=True)(encoding, text)
+    assert scores.shape == (50, 8, 3)
+    per_center = scores.sum(-1)
+    assert set(per_center.unique().tolist()) == {0.0, 1.0}  # one class, or none (background)
+    assert ((scores == 0) | (scores == 1)).all()
+    # Uniform over 3 classes + background: each choice about a quarter of the 400 centers.
+    counts = [int((per_center == 0).sum()), *scores.sum((0, 1)).int().tolist()]
+    assert all(60 < c < 140 for c in counts), counts
+    again = random_center_labeller(seed=0, background=True)(encoding, text)
+    assert torch.equal(scores, again)  # seeded
+    without = random_center_labeller(seed=0, background=False)(encoding, text)
+    assert (without.sum(-1) == 1).all()  # no background choice where there is no background
+
+
+def test_results_table_lists_baselines_under_their_benchmark():
+    from pipelines.evaluate import results_table
+
+    table = results_table(
+        {
+            "demo": {
+                "images": 10,
+                "miou": 0.5,
+                "pixel_accuracy": 0.75,
+                "baselines": {"all_background": {"miou": 0.08, "pixel_accuracy": 0.7}},
+            }
+        }
+    )
+    assert table.splitlines()[2:] == [
+        "| demo | model | 10 | 50.0 | 75.0 |",
+        "| demo | baseline: all_background | 10 | 8.0 | 70.0 |",
+    ]
