@@ -31,30 +31,6 @@ def _config_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "tiny")
-    parser.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step (default: 16)")
-    parser.add_argument(
-        "--output", type=Path, default=Path("workdir/demo"), help="checkpoint folder"
-    )
-
-
-def _demo_command(args: argparse.Namespace) -> int:
-    from segclip.demo import run_demo  # torch and open_clip load only for commands that need them
-
-    config = load_config(args.profile, args.overrides)
-    result = run_demo(config, args.steps, args.batch_size, args.output)
-    print(
-        f"\nloss {result.first_loss:.3f} -> {result.last_loss:.3f} over {args.steps} steps "
-        f"({result.seconds:.1f} s); checkpoint: {result.checkpoint}"
-    )
-    if not result.last_loss < result.first_loss:
-        print("error: the training loss did not go down", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images to segment")
     parser.add_argument(
@@ -130,11 +106,6 @@ COMMANDS: dict[str, Command] = {
         "write COCO-Object (81-class) label maps from COCO-Stuff-164k val annotations",
         _coco_object_arguments,
         _coco_object_command,
-    ),
-    "demo": Command(
-        "train the tiny model on built-in procedural scenes (CPU, about a minute)",
-        _demo_arguments,
-        _demo_command,
     ),
 }
 

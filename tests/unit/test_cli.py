@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from segclip.cli import COMMANDS, main
@@ -25,13 +24,6 @@ def test_config_prints_the_resolved_profile(capsys):
 def test_bad_override_exits_2_naming_the_field(capsys):
     assert main(["config", "loss.kl_form=wrong"]) == 2
     assert "loss.kl_form: Input should be 'reference' or 'plain'" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_trains_and_writes_a_loadable_checkpoint(tmp_path, capsys):
-    assert main(["demo", "--steps", "12", "--batch-size", "8", "--output", str(tmp_path)]) == 0
-    assert "loss" in capsys.readouterr().out
-    assert (tmp_path / "model.safetensors").is_file()
 
 
 def test_predict_writes_a_label_and_an_overlay_per_image(tmp_path, tiny_model, capsys):
