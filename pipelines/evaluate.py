@@ -205,11 +205,12 @@ def run(
                 result = evaluate_benchmark(segmenter, spec, folder, ids, overlays)
             written = result.write(output_dir, spec.class_names)
             client.log_artifacts(run_id, str(written), artifact_path=spec.name)
-            results[spec.name] = {"images": result.images, **_scores(result)}
+            scores = _scores(result)
+            results[spec.name] = {"images": result.images, **scores}
             baselines = _baselines(config, segmenter, spec, folder, ids)
             if baselines:
                 results[spec.name]["baselines"] = baselines
-            metrics = {f"{k}/{spec.name}": v for k, v in _scores(result).items()} | {
+            metrics = {f"{k}/{spec.name}": v for k, v in scores.items()} | {
                 f"baseline/{name}/{k}/{spec.name}": v
                 for name, scores in baselines.items()
                 for k, v in scores.items()

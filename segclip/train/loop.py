@@ -72,7 +72,9 @@ def saved_step(folder: Path) -> int | None:
     try:
         with safe_open(str(folder / MODEL_FILE), framework="pt") as model:
             model.keys()
-        return int(torch.load(folder / STATE_FILE, weights_only=False, map_location="cpu")["step"])
+        # mmap: the archive's index is checked, the optimiser tensors are not read into memory
+        state = torch.load(folder / STATE_FILE, weights_only=False, map_location="cpu", mmap=True)
+        return int(state["step"])
     except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError):
         return None
 
