@@ -54,7 +54,11 @@ def naive_predict(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
             centers = model.encode_image(crop, VisionMode.INFER)
             image_embedding = model.encode_image(crop, VisionMode.INFER).embedding
             affinity = center_class_affinity(
-                centers.center_embeddings, image_embedding, segmenter.text, protocol.prior_top_k
+                centers.center_embeddings,
+                image_embedding,
+                segmenter.text,
+                protocol.prior_top_k,
+                segmenter.affinity_scale,
             )[0]
             soft = centers.soft_assign.reshape(1, -1, *centers.grid)
             owner = F.interpolate(soft, (size, size), mode="bilinear").argmax(1)[0]

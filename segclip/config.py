@@ -122,7 +122,9 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Zero-shot segmentation benchmarks (METHOD.md section 6); the protocol fixes the method."""
 
-    protocol: str = Field("segclip", description="named, versioned protocol (segclip, tcl448)")
+    protocol: str = Field(
+        "segclip", description="named, versioned protocol: " + ", ".join(PROTOCOLS)
+    )
     benchmarks: tuple[str, ...] = ("voc", "context", "coco_object")
     data_root: str = Field("data", description="folder holding each benchmark's dataset")
     precision: Literal["fp32", "bf16"] = "fp32"

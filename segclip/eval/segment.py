@@ -17,8 +17,6 @@ from segclip.data.transforms import normalize_images
 from segclip.eval.protocol import Protocol
 from segclip.model import CaptionTokenizer, ImageEncoding, SegCLIP, VisionMode
 
-AFFINITY_SCALE = 100.0  # [ref]: fixed, not the learned logit scale
-
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
     """Window offsets along one side; the last window is shifted back inside the image."""
@@ -48,12 +46,12 @@ def class_text_embeddings(
 
 
 def center_class_affinity(
-    centers: torch.Tensor, image: torch.Tensor, text: torch.Tensor, top_k: int
+    centers: torch.Tensor, image: torch.Tensor, text: torch.Tensor, top_k: int, scale: float
 ) -> torch.Tensor:
     """F = p1 * p2, (B, G, K): center-class softmax times the same restricted to the top-k
-    classes of the image-level prior."""
-    logits = AFFINITY_SCALE * F.normalize(centers, dim=-1) @ text.T  # (B, G, K)
-    prior = AFFINITY_SCALE * F.normalize(image, dim=-1) @ text.T  # (B, K)
+    classes of the image-level prior; `scale` multiplies the cosine similarities."""
+    logits = scale * F.normalize(centers, dim=-1) @ text.T  # (B, G, K)
+    prior = scale * F.normalize(image, dim=-1) @ text.T  # (B, K)
     kept = prior.topk(min(top_k, text.shape[0]), dim=-1).indices
     allowed = torch.zeros_like(prior, dtype=torch.bool).scatter_(1, kept, True)
     p2 = logits.masked_fill(~allowed[:, None, :], float("-inf")).softmax(dim=-1)
@@ -97,6 +95,8 @@ class Segmenter:
         self.window_batch = window_batch
         self.bf16 = bf16
         self.text = class_text_embeddings(model, class_names, protocol.templates)
+        learned = protocol.affinity_scale is None
+        self.affinity_scale = float(model.logit_scale()) if learned else protocol.affinity_scale
         self.labeller = labeller or self._text_affinity
 
     def _text_affinity(self, encoding: ImageEncoding, text: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,7 @@ class Segmenter:
             encoding.embedding.float(),
             text,
             self.protocol.prior_top_k,
+            self.affinity_scale,
         )
 
     @torch.inference_mode()

@@ -92,12 +92,20 @@ def test_affinity_is_prior_restricted_softmax_product():
     text = torch.eye(3)
     centers = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.02, 0.01]]])
     image = torch.tensor([[0.0, 1.0, 0.5]])  # prior keeps classes 1 and 2 at top_k=2
-    affinity = center_class_affinity(centers, image, text, top_k=2)
+    affinity = center_class_affinity(centers, image, text, top_k=2, scale=100.0)
     logits = 100 * torch.nn.functional.normalize(centers, dim=-1)
     p1 = logits.softmax(-1)
     p2 = torch.cat([torch.zeros(1, 2, 1), logits[..., 1:].softmax(-1)], dim=-1)
     torch.testing.assert_close(affinity, p1 * p2)
     assert (affinity[..., 0] == 0).all()  # outside the prior's top-k
+
+
+def test_learned_scale_protocol_scales_the_affinity_by_the_models_logit_scale(tiny_model):
+    with torch.no_grad():
+        tiny_model.clip.logit_scale.fill_(np.log(7.0))
+    learned = Segmenter(tiny_model, ["a", "b"], PROTOCOLS["segclip_learned_scale"], 0.5)
+    fixed = Segmenter(tiny_model, ["a", "b"], PROTOCOLS["segclip"], 0.5)
+    assert learned.affinity_scale == pytest.approx(7.0) and fixed.affinity_scale == 100.0
 
 
 def test_background_rule_uses_min_of_threshold_and_best_score():
