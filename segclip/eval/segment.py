@@ -96,7 +96,7 @@ class Segmenter:
         self.bf16 = bf16
         self.text = class_text_embeddings(model, class_names, protocol.templates)
         learned = protocol.affinity_scale is None
-        self.affinity_scale = float(model.logit_scale()) if learned else protocol.affinity_scale
+        self.affinity_scale = model.logit_scale().item() if learned else protocol.affinity_scale
         self.labeller = labeller or self._text_affinity
 
     def _text_affinity(self, encoding: ImageEncoding, text: torch.Tensor) -> torch.Tensor:
