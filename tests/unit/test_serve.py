@@ -1,0 +1,39 @@
+"""The loopback file server: real downloads, and client hang-ups do not flood the log."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from segclip.data.serve import serve_directory
+
+
+def test_serves_files_byte_for_byte(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(bytes(range(256)) * 4)
+    with serve_directory(tmp_path) as base:
+        assert base.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(base + "a.bin") as response:
+            assert response.read() == bytes(range(256)) * 4
+
+
+def test_client_hang_up_mid_transfer_prints_no_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "big.bin").write_bytes(b"x" * (32 << 20))
+    with serve_directory(tmp_path) as base:
+        port = int(base.rstrip("/").rsplit(":", 1)[1])
+        for _ in range(3):
+            client = socket.create_connection(("127.0.0.1", port))
+            client.sendall(b"GET /big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert client.recv(16).startswith(b"HTTP/1.")
+            # Close with a reset, as a client giving up on a download does.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        time.sleep(0.5)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err, err
