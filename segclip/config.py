@@ -42,6 +42,12 @@ class ModelConfig(_Section):
         None, ge=1, description="vision blocks before the group module; null = depth - 2"
     )
     cross_attention_blocks: int = Field(2, ge=1)
+    late_block_context: Literal["all_centers", "own_center"] = Field(
+        "all_centers",
+        description="what a center attends to in the vision blocks after the group module: "
+        "all_centers [ref]; own_center [fix] runs each center alone, so its embedding "
+        "describes its own patches only",
+    )
     gumbel_tau: float = Field(0.9, gt=0)
     reconstruction_keep_ratio: float = Field(
         0.25, gt=0, lt=1, description="share of the 1 + N tokens kept by the masked pass"

@@ -134,6 +134,20 @@ class SegCLIP(nn.Module):
         keep = order[:, : self.num_visible_patches]
         return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, width)), keep
 
+    def run_late_blocks(self, centers: torch.Tensor) -> torch.Tensor:
+        """The vision blocks after the group module, on the center tokens (B, G, D).
+
+        With `late_block_context="own_center"` [fix] each center is its own length-1
+        sequence: trained from scratch, self-attention across centers made them near
+        copies of one another (mean cosine 0.98), so no center described its own region.
+        """
+        batch, groups, width = centers.shape
+        own_center = self.config.late_block_context == "own_center"
+        z = centers.reshape(batch * groups, 1, width) if own_center else centers
+        for block in self.late_blocks:
+            z = block(z)
+        return z.reshape(batch, groups, width)
+
     def encode_image(self, images: torch.Tensor, mode: VisionMode) -> ImageEncoding:
         """Images (B, 3, H, W), CLIP-normalised -> `ImageEncoding` for the chosen path."""
         mode = VisionMode(mode)
@@ -151,9 +165,7 @@ class SegCLIP(nn.Module):
         for block in self.early_blocks:
             x = block(x)
         center_tokens, assignment = self.group(x, stochastic=mode is not VisionMode.INFER)
-        z = center_tokens
-        for block in self.late_blocks:
-            z = block(z)
+        z = self.run_late_blocks(center_tokens)
         tokens = torch.cat([z.max(dim=1, keepdim=True).values, z], dim=1)
         tokens = visual.ln_post(tokens) @ visual.proj
         return ImageEncoding(

@@ -67,4 +67,7 @@ def test_a_profile_can_extend_another(tmp_path):
     assert config.profile == "mine" and config.train.steps == 7 and config.model.num_centers == 4
     assert config.model.clip_model == tiny.model.clip_model  # kept from the base
     assert config.train.global_batch_size == tiny.train.global_batch_size
-    assert load_config("demo").model == load_config("tiny").model
+    demo = load_config("demo").model  # inherits tiny's model but for its two locality settings
+    assert (demo.group_layer, demo.late_block_context) == (1, "own_center")
+    reverted = {"group_layer": tiny.model.group_layer, "late_block_context": "all_centers"}
+    assert demo.model_copy(update=reverted) == tiny.model

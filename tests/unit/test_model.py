@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from segclip.losses import segclip_loss
-from segclip.model import CaptionTokenizer, VisionMode, freeze_parameters
+from segclip.model import CaptionTokenizer, VisionMode, build_model, freeze_parameters
 
 
 def test_shapes_of_the_three_vision_modes(tiny_model, tiny_images):
@@ -27,11 +27,26 @@ def test_shapes_of_the_three_vision_modes(tiny_model, tiny_images):
 def test_image_token_is_the_max_over_center_tokens(tiny_model, tiny_images):
     visual = tiny_model.clip.visual
     out = tiny_model.encode_image(tiny_images, VisionMode.INFER)
-    z = out.center_tokens
-    for block in tiny_model.late_blocks:
-        z = block(z)
+    z = tiny_model.run_late_blocks(out.center_tokens)
     expected = visual.ln_post(z.max(dim=1).values) @ visual.proj
     torch.testing.assert_close(out.embedding, expected)
+
+
+@pytest.mark.parametrize("context", ["all_centers", "own_center"])
+def test_late_blocks_mix_centers_only_with_all_centers_context(tiny_config, context):
+    config = tiny_config.model.model_copy(update={"late_block_context": context})
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    centers = torch.randn(2, model.group.num_centers, model.clip.visual.proj.shape[0])
+    changed = centers.clone()
+    changed[:, 0] += 1.0
+    before, after = model.run_late_blocks(centers), model.run_late_blocks(changed)
+    assert not torch.allclose(before[:, 0], after[:, 0])
+    others_moved = not torch.allclose(before[:, 1:], after[:, 1:])
+    assert others_moved == (context == "all_centers")
+    if context == "own_center":  # each center is its own sequence: same as running it alone
+        alone = model.run_late_blocks(centers[:, 3:4])
+        torch.testing.assert_close(before[:, 3:4], alone)
 
 
 def test_masked_pass_encodes_distinct_random_patches(tiny_model, tiny_images):
