@@ -7,7 +7,11 @@ it in parallel over shards (Ray) and skip shards that already have a report.
 from __future__ import annotations
 
 import io
+import posixpath
+import tarfile
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +83,28 @@ def _superpixel_members(sample: dict, config: DataConfig) -> dict[str, bytes | s
     return {LABEL_MEMBER: encode_label_map(labels), COUNT_MEMBER: str(segments)}
 
 
+def samples_in_key_order(shard: str | Path) -> Iterator[dict]:
+    """The samples of a local webdataset shard, sorted by key.
+
+    img2dataset writes a shard's samples in the order their downloads finish, which
+    changes from run to run; reading them in key order makes every later stage, and
+    so training, reproducible from the same URL list.
+    """
+    with tarfile.open(shard) as tar:
+        members: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
+        for member in tar.getmembers():  # headers only: the data stays on disk
+            if member.isfile():
+                folder, name = posixpath.split(member.name)
+                stem, _, extension = name.partition(".")  # webdataset's key = up to the first dot
+                members[posixpath.join(folder, stem)][extension.lower()] = member
+        for key in sorted(members):
+            files = members[key]
+            yield {"__key__": key, **{ext: tar.extractfile(m).read() for ext, m in files.items()}}
+
+
 def superpixel_shard(source: str, target: str | Path, config: DataConfig) -> ShardReport:
-    """Copy every member of every sample of `source` and add its superpixel map and count.
+    """Copy every member of every sample of `source`, in key order, and add its superpixel
+    map and count.
 
     Samples that cannot be used are left out and reported with their key and reason;
     the shard and then its report are written atomically.
@@ -88,7 +112,7 @@ def superpixel_shard(source: str, target: str | Path, config: DataConfig) -> Sha
     start = time.perf_counter()
     failed, written = [], 0
     with atomic_path(target) as tmp, wds.TarWriter(str(tmp)) as sink:
-        for sample in wds.WebDataset(source, shardshuffle=False, empty_check=False):
+        for sample in samples_in_key_order(source):
             try:
                 extra = _superpixel_members(sample, config)
             except UnusableSample as reason:

@@ -109,3 +109,20 @@ def test_resampled_mode_streams_past_the_data_and_ranks_differ(shards):
     assert len(rank0) == 40 > sum(SHARD_SIZES[0::2])  # endless: more samples than rank 0 holds
     assert {int(k[1:]) for k in rank0}.isdisjoint({int(k[1:]) for k in rank1})
     assert first_keys(0) == rank0  # seeded
+
+
+def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config):
+    """img2dataset writes samples as downloads finish; the stage fixes one order."""
+    source = tmp_path / "in.tar"
+    order = ["00000002", "00000000", "00000003", "00000001"]
+    with wds.TarWriter(str(source)) as sink:
+        for index, key in enumerate(order):
+            buffer = io.BytesIO()
+            Image.fromarray(demo_scene(3, index, 64).image).save(buffer, format="PNG")
+            sink.write({"__key__": key, "png": buffer.getvalue(), "txt": f"caption {key}"})
+    report = superpixel_shard(str(source), tmp_path / "out.tar", tiny_config.data)
+    written = list(wds.WebDataset(str(tmp_path / "out.tar"), shardshuffle=False))
+    assert report.samples == 4
+    assert [s["__key__"] for s in written] == sorted(order)
+    assert [s["txt"].decode() for s in written] == [f"caption {k}" for k in sorted(order)]
+    assert all({"png", "superpixels.png", "superpixels.cls"} <= set(s) for s in written)
