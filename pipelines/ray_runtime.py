@@ -11,13 +11,12 @@ import ray
 PROBE_TIMEOUT_S = 5.0
 # Ray Train's placement-group cleaner polls the State API once a second; that API lives in
 # the dashboard, which a local Ray here runs without, so each poll would log a warning.
-_DASHBOARD_ONLY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-def quiet_dashboard_only_loggers() -> None:
-    """Worker setup hook of a local Ray: silence components that need the absent dashboard."""
-    for name in _DASHBOARD_ONLY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of a local Ray: the cleaner's State API polls cannot succeed there."""
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _check_reachable(address: str) -> None:
@@ -53,7 +52,7 @@ def connect(address: str | None) -> None:
         ray.init(
             include_dashboard=False,
             logging_level=logging.WARNING,
-            runtime_env={"worker_process_setup_hook": quiet_dashboard_only_loggers},
+            runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner},
         )
         return
     _check_reachable(target)

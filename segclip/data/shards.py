@@ -7,7 +7,6 @@ it in parallel over shards (Ray) and skip shards that already have a report.
 from __future__ import annotations
 
 import io
-import posixpath
 import tarfile
 import time
 from collections import defaultdict
@@ -18,6 +17,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from pydantic import BaseModel
+from webdataset.tariterators import base_plus_ext
 
 from segclip.config import DataConfig
 from segclip.data.superpixels import compute_superpixels
@@ -93,10 +93,9 @@ def samples_in_key_order(shard: str | Path) -> Iterator[dict]:
     with tarfile.open(shard) as tar:
         members: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
         for member in tar.getmembers():  # headers only: the data stays on disk
-            if member.isfile():
-                folder, name = posixpath.split(member.name)
-                stem, _, extension = name.partition(".")  # webdataset's key = up to the first dot
-                members[posixpath.join(folder, stem)][extension.lower()] = member
+            key, extension = base_plus_ext(member.name)  # how webdataset itself groups members
+            if member.isfile() and key is not None:
+                members[key][extension.lower()] = member
         for key in sorted(members):
             files = members[key]
             yield {"__key__": key, **{ext: tar.extractfile(m).read() for ext, m in files.items()}}
