@@ -86,12 +86,15 @@ def test_two_ranks_match_open_clip_and_the_single_process_loss():
 HALF = 2
 
 
-def _deterministic_noise() -> None:
+def _deterministic_noise(monkeypatch: pytest.MonkeyPatch | None = None) -> None:
     """Replace the two random draws of a training forward by per-sample deterministic ones.
 
     Random masks and Gumbel noise depend on batch position and RNG state, so no
     two batch layouts can share them; with these, every sample is treated the same
     wherever it sits, and the only difference left is how the batch is split.
+
+    A spawned rank is its own process and may replace them for good; the test
+    process passes `monkeypatch`, so the originals are back when the test ends.
     """
     from segclip.model import group
     from segclip.model import segclip as segclip_model
@@ -104,8 +107,9 @@ def _deterministic_noise() -> None:
         keep = x.detach().sum(-1).argsort(dim=1)[:, : self.num_visible_patches]
         return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])), keep
 
-    group.straight_through_gumbel = gumbel_free
-    segclip_model.SegCLIP._keep_random_patches = keep_by_content
+    replace = setattr if monkeypatch is None else monkeypatch.setattr
+    replace(group, "straight_through_gumbel", gumbel_free)
+    replace(segclip_model.SegCLIP, "_keep_random_patches", keep_by_content)
 
 
 def _model_and_batch():
@@ -154,9 +158,9 @@ def _ddp_rank_main(rank: int, world: int, port: int, results: dict) -> None:
 
 
 @pytest.mark.slow
-def test_two_ddp_ranks_give_the_loss_and_gradients_of_one_process_with_both_halves():
+def test_two_ddp_ranks_give_the_loss_and_gradients_of_one_process_with_both_halves(monkeypatch):
     results = _run_two_ranks(_ddp_rank_main)
-    _deterministic_noise()  # this process now computes the single-process reference
+    _deterministic_noise(monkeypatch)  # this process now computes the single-process reference
     config, model, batch = _model_and_batch()
     terms = _losses(model, batch, config)
     terms.total.backward()
