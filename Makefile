@@ -40,7 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/data_stages.py --images 2000
 	$(BIN)/python benchmarks/train_throughput.py
-	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/eval_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -29,8 +29,8 @@ from segclip.data.demo_data import write_demo_source
 from segclip.data.loader import training_loader
 from segclip.data.serve import serve_directory
 from segclip.data.shards import superpixel_shard
+from segclip.manifest import load_result
 from segclip.model import build_model
-from segclip.stage import load_result
 from segclip.train import TrainStep, build_optimizer, build_scheduler
 
 IMAGE_SIZE = 224
@@ -38,9 +38,9 @@ STAGE_SCRIPT = """
 import sys, segclip
 from pipelines import {stage}
 from segclip.config import load_config
-from segclip.stage import InputRef
+from segclip.manifest import DataRef
 config = load_config("paper", sys.argv[2:])
-inputs = [InputRef.model_validate_json(sys.argv[1])] if sys.argv[1] != "-" else []
+inputs = [DataRef.model_validate_json(sys.argv[1])] if sys.argv[1] != "-" else []
 print({stage}.run(config, inputs).output_dir)
 """
 LOADER_BATCH = {"tiny": 32, "paper": 8}
@@ -102,7 +102,7 @@ def bench_superpixels(root: Path, ingest_dir: str, args: argparse.Namespace) -> 
     upstream = load_result(ingest_dir)
     config = load_config("paper")
     start = time.perf_counter()
-    for index, shard in enumerate(upstream.shard_paths):
+    for index, shard in enumerate(upstream.shard_urls):
         superpixel_shard(shard, root / "single" / f"{index:05d}.tar", config.data)
     single_s = time.perf_counter() - start
     overrides = [f"runtime.workdir={root / 'spx'}"]
@@ -171,7 +171,7 @@ def main() -> None:
         print("ingest done", file=sys.stderr)
         spx = bench_superpixels(root, ingest["output"], args)
         print("superpixels done", file=sys.stderr)
-        shards = load_result(spx["output"]).shard_paths
+        shards = load_result(spx["output"]).shard_urls
         loaders = [
             bench_loader(profile, shards, args.loader_steps, args.loader_workers)
             for profile in args.loader_profiles

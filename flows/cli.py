@@ -10,16 +10,11 @@ import argparse
 import subprocess
 import sys
 
+from pipelines.registry import STAGE_NAMES, STAGES
 from segclip.cli import COMMANDS, Command, add_config_arguments
 from segclip.cli import main as run_command
 from segclip.config import load_config
-
-STAGE_HELP = {
-    "ingest": "download or adopt image-text pairs into webdataset shards",
-    "superpixels": "add superpixel label maps to the ingested shards (Ray Data)",
-    "train": "train SegCLIP on the superpixel shards (Ray Train, MLflow)",
-    "evaluate": "zero-shot segmentation benchmarks of the trained model",
-}
+from segclip.manifest import load_result
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,19 +23,26 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         "--force",
         action="append",
         default=[],
-        choices=list(STAGE_HELP),
+        choices=list(STAGE_NAMES),
         metavar="STAGE",
         help="rerun this stage even if its output is finished (repeatable); later stages follow",
     )
 
 
-def _run_command(args: argparse.Namespace) -> int:
-    from flows.stages import pipeline_flow
+def _print_results(evaluated: str) -> None:
+    from pipelines.evaluate import report
 
-    config = load_config(args.profile, args.overrides)
-    outputs = pipeline_flow(config, force=args.force)
+    print(f"\n{report(load_result(evaluated))}")
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from flows.pipeline import pipeline_flow
+
+    config = load_config(args.profile, args.overrides)  # invalid settings fail before Prefect
+    outputs = pipeline_flow(profile=args.profile, overrides=args.overrides, force=args.force)
     for stage, folder in outputs.items():
         print(f"{stage:12s} {folder}")
+    _print_results(outputs["evaluate"])
     print(f"\nbrowse the runs: segclip ui runtime.workdir={config.runtime.workdir}")
     return 0
 
@@ -52,17 +54,20 @@ def _stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _stage_command(stage: str):
     def run(args: argparse.Namespace) -> int:
-        from flows.stages import STAGE_FLOWS
+        from flows.pipeline import stage_flow
 
-        config = load_config(args.profile, args.overrides)
-        print(STAGE_FLOWS[stage](config, force=args.force))
+        load_config(args.profile, args.overrides)  # invalid settings fail before Prefect
+        folder = stage_flow(stage, profile=args.profile, overrides=args.overrides, force=args.force)
+        print(folder)
+        if stage == "evaluate":
+            _print_results(folder)
         return 0
 
     return run
 
 
 def _status_command(args: argparse.Namespace) -> int:
-    from flows.stages import stage_status
+    from pipelines.registry import stage_status
 
     config = load_config(args.profile, args.overrides)
     for line in stage_status(config):
@@ -101,13 +106,13 @@ def _ui_command(args: argparse.Namespace) -> int:
 
 PIPELINE_COMMANDS: dict[str, Command] = {
     "run": Command(
-        "the whole pipeline: ingest, superpixels, train, evaluate (finished stages reused)",
+        f"the whole pipeline: {', '.join(STAGE_NAMES)} (finished stages reused)",
         _pipeline_arguments,
         _run_command,
     ),
     **{
-        stage: Command(help, _stage_arguments, _stage_command(stage))
-        for stage, help in STAGE_HELP.items()
+        stage.name: Command(stage.help, _stage_arguments, _stage_command(stage.name))
+        for stage in STAGES
     },
     "status": Command(
         "what each stage of this configuration holds in the workdir",

@@ -1,11 +1,11 @@
 """Ingest stage: image-text pairs -> webdataset shards (`.jpg`, `.txt`, `.json`) via img2dataset.
 
-Every source that has to fetch images (a url list, the demo scenes served on
-127.0.0.1, a COCO folder as file:// URLs) goes through the same img2dataset
-download, so resizing, encoding and failure accounting are identical. Existing
-shards are validated and adopted in place. img2dataset's incremental mode keeps
-every shard that finished (it has a `_stats.json`), so an interrupted ingest
-resumes where it stopped.
+Every source that has to fetch images (a url list, the demo scenes or a COCO folder,
+both served on 127.0.0.1) goes through the same img2dataset download, so resizing,
+encoding and failure accounting are identical. Existing shards are validated and
+adopted in place. img2dataset's incremental mode keeps every shard that finished
+(it has a `_stats.json`), so an interrupted ingest resumes where it stopped. Every
+path may be a local path or an fsspec URL: img2dataset writes through fsspec.
 """
 
 from __future__ import annotations
@@ -21,25 +21,17 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 from pipelines.ray_runtime import connect, ray_address
 from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import demo_data_key, write_demo_source
 from segclip.data.serve import serve_directory
 from segclip.data.shards import IMAGE_EXTENSIONS
-from segclip.io import atomic_path
-from segclip.stage import (
-    InputRef,
-    ShardRef,
-    StageOutput,
-    StageResult,
-    file_digest,
-    json_digest,
-    keyed_dir,
-)
-from segclip.tracking import NO_LINEAGE, Lineage, tracked_stage
+from segclip.manifest import DataRef, ShardRef, file_ref, json_digest
+from segclip.stage import Stage, StageContext, StageOutput
+from segclip.storage import atomic_write, fingerprint, local_folder, location
 
-STAGE = "ingest"
 SHARD_DIR = "shards"
 URL_LIST = "urls.parquet"
 KARPATHY_FILE = "dataset_coco.json"
@@ -63,14 +55,13 @@ def failure_reason(status: str, message: str | None) -> str:
     return status
 
 
-def collect_shards(output_dir: Path) -> StageOutput:
+def collect_shards(output_dir: UPath) -> StageOutput:
     """Counts, failures by reason and shard list of the finished img2dataset shards."""
     failures, shards = Counter[str](), []
     for stats in sorted((output_dir / SHARD_DIR).glob("*_stats.json")):
         shard_id = stats.name.removesuffix("_stats.json")
-        table = pd.read_parquet(
-            output_dir / SHARD_DIR / f"{shard_id}.parquet", columns=["status", "error_message"]
-        )
+        with (output_dir / SHARD_DIR / f"{shard_id}.parquet").open("rb") as table_file:
+            table = pd.read_parquet(table_file, columns=["status", "error_message"])
         ok = table["status"] == "success"
         failures.update(failure_reason(s, m) for s, m in table[~ok].itertuples(index=False))
         if ok.any():
@@ -93,8 +84,9 @@ def _summary(shards: list[ShardRef], failures: Counter[str]) -> StageOutput:
 
 def download(
     config: SegCLIPConfig,
-    output_dir: Path,
-    url_list: Path,
+    output_dir: UPath,
+    *,
+    url_list: str,
     input_format: str,
     url_column: str,
     caption_column: str,
@@ -109,7 +101,7 @@ def download(
     if distributor == "ray":
         connect(runtime.ray_address)
     img2dataset.download(
-        url_list=str(url_list),
+        url_list=url_list,
         input_format=input_format,
         url_col=url_column,
         caption_col=caption_column,
@@ -132,13 +124,20 @@ def download(
 
 
 def download_pairs(
-    config: SegCLIPConfig, output_dir: Path, urls: list[str], captions: list[str]
+    config: SegCLIPConfig, output_dir: UPath, urls: list[str], captions: list[str]
 ) -> StageOutput:
     """Write (url, caption) pairs as the stage's own url list, then download it."""
     url_list = output_dir / "source" / URL_LIST
-    with atomic_path(url_list) as tmp:
+    with atomic_write(url_list) as tmp:
         pq.write_table(pa.table({"url": urls, "caption": captions}), tmp)
-    return download(config, output_dir, url_list, "parquet", "url", "caption")
+    return download(
+        config,
+        output_dir,
+        url_list=str(url_list),
+        input_format="parquet",
+        url_column="url",
+        caption_column="caption",
+    )
 
 
 def _list_format(config: SegCLIPConfig) -> str:
@@ -153,24 +152,26 @@ def _list_format(config: SegCLIPConfig) -> str:
     return suffix
 
 
-def _read_delimited(path: Path, input_format: str, columns: Sequence[str] | None, **kwargs):
-    return pd.read_csv(
-        path,
-        sep="\t" if input_format == "tsv" else ",",
-        header=None if columns else 0,
-        names=list(columns) if columns else None,
-        **kwargs,
-    )
+def _read_delimited(path: UPath, input_format: str, columns: Sequence[str] | None, **kwargs):
+    with path.open("rb") as stream:
+        return pd.read_csv(
+            stream,
+            sep="\t" if input_format == "tsv" else ",",
+            header=None if columns else 0,
+            names=list(columns) if columns else None,
+            **kwargs,
+        )
 
 
-def _list_columns(config: SegCLIPConfig, path: Path, input_format: str) -> list[str]:
+def _list_columns(config: SegCLIPConfig, path: UPath, input_format: str) -> list[str]:
     if input_format == "parquet":
-        return pq.read_schema(path).names
+        with path.open("rb") as stream:
+            return pq.read_schema(stream).names
     return list(_read_delimited(path, input_format, config.ingest.columns, nrows=0).columns)
 
 
-def _require_path(config: SegCLIPConfig, expected: str) -> Path:
-    path = Path(config.ingest.path)
+def _require_path(config: SegCLIPConfig, expected: str) -> UPath:
+    path = location(config.ingest.path)
     if not path.exists():
         raise FileNotFoundError(
             f"ingest.path {path} does not exist; it should be {expected} "
@@ -182,7 +183,7 @@ def _require_path(config: SegCLIPConfig, expected: str) -> Path:
 # --- sources ---------------------------------------------------------------------------------
 
 
-def _url_list_inputs(config: SegCLIPConfig) -> list[InputRef]:
+def _url_list_inputs(config: SegCLIPConfig) -> list[DataRef]:
     path = _require_path(config, "a url+caption list (parquet, csv or tsv)")
     columns = _list_columns(config, path, _list_format(config))
     for field in ("url_column", "caption_column"):
@@ -191,15 +192,11 @@ def _url_list_inputs(config: SegCLIPConfig) -> list[InputRef]:
                 f"{path} has no column {getattr(config.ingest, field)!r} "
                 f"(columns: {', '.join(columns)}); set ingest.{field}"
             )
-    return [InputRef(path=str(path.resolve()), digest=file_digest(path))]
+    return [file_ref(path)]
 
 
-def _ingest_url_list(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
-    ingest, path, input_format = (
-        config.ingest,
-        Path(config.ingest.path).resolve(),
-        _list_format(config),
-    )
+def _ingest_url_list(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
+    ingest, path, input_format = config.ingest, location(config.ingest.path), _list_format(config)
     if ingest.columns and input_format != "parquet":
         # img2dataset expects a header row: a headerless list is rewritten with named columns.
         table = _read_delimited(path, input_format, ingest.columns, dtype=str)
@@ -210,19 +207,26 @@ def _ingest_url_list(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
             table[ingest.caption_column].fillna("").tolist(),
         )
     return download(
-        config, output_dir, path, input_format, ingest.url_column, ingest.caption_column
+        config,
+        output_dir,
+        url_list=str(path),
+        input_format=input_format,
+        url_column=ingest.url_column,
+        caption_column=ingest.caption_column,
     )
 
 
-def _ingest_demo(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
-    source = output_dir / "source"
-    table = pq.read_table(write_demo_source(source, config.demo))
-    with serve_directory(source) as base:
-        urls = [base + name for name in table["file"].to_pylist()]
-        return download_pairs(config, output_dir, urls, table["caption"].to_pylist())
+def _ingest_demo(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
+    """The scenes are drawn into a local folder (kept beside a local stage for a resume,
+    scratch for one on a store) and served from there."""
+    with local_folder(output_dir / "source" / "scenes", publish=False) as scenes:
+        table = pq.read_table(write_demo_source(scenes, config.demo))
+        with serve_directory(scenes) as base:
+            urls = [base + name for name in table["file"].to_pylist()]
+            return download_pairs(config, output_dir, urls, table["caption"].to_pylist())
 
 
-def _coco_inputs(config: SegCLIPConfig) -> list[InputRef]:
+def _coco_inputs(config: SegCLIPConfig) -> list[DataRef]:
     root = _require_path(config, "a COCO-2014 folder")
     split_file = root / KARPATHY_FILE
     if not split_file.is_file():
@@ -230,12 +234,13 @@ def _coco_inputs(config: SegCLIPConfig) -> list[InputRef]:
             f"{split_file} not found: a COCO captions folder needs the Karpathy split file "
             f"{KARPATHY_FILE} beside the train2014/ and val2014/ image folders"
         )
-    return [InputRef(path=str(split_file.resolve()), digest=file_digest(split_file))]
+    return [file_ref(split_file)]
 
 
-def _ingest_coco(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
-    """Each caption of each image in the chosen Karpathy splits becomes its own sample."""
-    root = Path(config.ingest.path).resolve()
+def _ingest_coco(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
+    """Each caption of each image in the chosen Karpathy splits becomes its own sample; the
+    folder (local or on a store) is served on 127.0.0.1 for img2dataset to download."""
+    root = location(config.ingest.path)
     images = json.loads((root / KARPATHY_FILE).read_text())["images"]
     chosen = [image for image in images if image["split"] in config.ingest.coco_splits]
     if not chosen:
@@ -249,16 +254,17 @@ def _ingest_coco(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
             f"{first} listed in {KARPATHY_FILE} is missing: unpack train2014.zip and "
             f"val2014.zip into {root}"
         )
-    urls, captions = [], []
-    for image in chosen:
-        url = (root / image["filepath"] / image["filename"]).as_uri()
-        for sentence in image["sentences"]:
-            urls.append(url)
-            captions.append(sentence["raw"].strip())
-    return download_pairs(config, output_dir, urls, captions)
+    with serve_directory(root) as base:
+        urls, captions = [], []
+        for image in chosen:
+            url = f"{base}{image['filepath']}/{image['filename']}"
+            for sentence in image["sentences"]:
+                urls.append(url)
+                captions.append(sentence["raw"].strip())
+        return download_pairs(config, output_dir, urls, captions)
 
 
-def _shard_files(config: SegCLIPConfig) -> list[Path]:
+def _shard_files(config: SegCLIPConfig) -> list[UPath]:
     folder = _require_path(config, "a folder of webdataset .tar shards")
     shards = sorted(folder.glob("*.tar"))
     if not shards:
@@ -266,16 +272,16 @@ def _shard_files(config: SegCLIPConfig) -> list[Path]:
     return shards
 
 
-def _shards_inputs(config: SegCLIPConfig) -> list[InputRef]:
-    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in _shard_files(config)]
-    return [InputRef(path=str(Path(config.ingest.path).resolve()), digest=json_digest(listing))]
+def _shards_inputs(config: SegCLIPConfig) -> list[DataRef]:
+    listing = [fingerprint(shard) for shard in _shard_files(config)]
+    return [DataRef(url=str(location(config.ingest.path)), digest=json_digest(listing))]
 
 
-def _sample_members(shard: Path) -> dict[str, set[str]]:
+def _sample_members(shard: UPath) -> dict[str, set[str]]:
     """Extensions per sample key, read from tar headers only."""
     members: dict[str, set[str]] = {}
     try:
-        with tarfile.open(shard) as tar:
+        with shard.open("rb") as stream, tarfile.open(fileobj=stream) as tar:
             for info in tar:
                 if info.isfile() and "." in (name := Path(info.name).name):
                     key, extension = name.split(".", 1)
@@ -288,7 +294,7 @@ def _sample_members(shard: Path) -> dict[str, set[str]]:
     return members
 
 
-def _adopt_shards(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
+def _adopt_shards(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
     """Validate existing shards and reference them where they are, without copying."""
     failures, shards = Counter[str](), []
     for shard in _shard_files(config):
@@ -300,14 +306,14 @@ def _adopt_shards(config: SegCLIPConfig, output_dir: Path) -> StageOutput:
                 failures["missing_caption"] += 1
             else:
                 usable += 1
-        shards.append(ShardRef(path=str(shard.resolve()), samples=usable))
+        shards.append(ShardRef(path=str(shard), samples=usable))
     return _summary(shards, failures)
 
 
 @dataclass(frozen=True)
 class IngestSource:
-    inputs: Callable[[SegCLIPConfig], list[InputRef]]
-    ingest: Callable[[SegCLIPConfig, Path], StageOutput]
+    inputs: Callable[[SegCLIPConfig], list[DataRef]]
+    ingest: Callable[[SegCLIPConfig, UPath], StageOutput]
     uses_demo: bool = False
 
 
@@ -319,39 +325,25 @@ SOURCES: dict[str, IngestSource] = {
 }
 
 
-def stage_config(config: SegCLIPConfig) -> dict:
+def settings(config: SegCLIPConfig) -> dict:
     """The settings the ingest output depends on (the stage key digests these)."""
-    settings = {"ingest": config.ingest.model_dump(mode="json")}
+    keyed = {"ingest": config.ingest.model_dump(mode="json")}
     if SOURCES[config.ingest.source].uses_demo:
-        settings["demo"] = demo_data_key(config.demo)
-    return settings
+        keyed["demo"] = demo_data_key(config.demo)
+    return keyed
 
 
-def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef] = ()) -> Path:
-    """This stage's folder for the config and inputs (finished or not), without running it."""
-    return keyed_dir(
-        config.runtime.workdir,
-        STAGE,
-        stage_config(config),
-        SOURCES[config.ingest.source].inputs(config),
-    )
+def _ingest(context: StageContext[None]) -> StageOutput:
+    return SOURCES[context.config.ingest.source].ingest(context.config, context.output_dir)
 
 
-def run(
-    config: SegCLIPConfig,
-    inputs: Sequence[InputRef] = (),
-    force: bool = False,
-    lineage: Lineage = NO_LINEAGE,
-) -> StageResult:
-    """Ingest the configured source; skipped when this exact ingest has finished before."""
-    del inputs  # the source is named by the config; its files are digested as the inputs
-    source = SOURCES[config.ingest.source]
-    return tracked_stage(
-        STAGE,
-        config,
-        stage_config(config),
-        source.inputs(config),
-        lambda output_dir, _tracked: source.ingest(config, output_dir),
-        force,
-        lineage,
-    )
+STAGE = Stage[None](
+    name="ingest",
+    help="download or adopt image-text pairs into webdataset shards",
+    settings=settings,
+    sources=lambda config: SOURCES[config.ingest.source].inputs(config),
+    prepare=lambda config, inputs: None,
+    body=_ingest,
+    retries=2,  # downloads: a second attempt can succeed
+)
+run = STAGE.run

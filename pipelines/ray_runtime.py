@@ -6,7 +6,11 @@ import logging
 import os
 import socket
 
+import pyarrow.fs
 import ray
+from upath import UPath
+
+from segclip.storage import is_local, storage_environment
 
 PROBE_TIMEOUT_S = 5.0
 # Ray Train's placement-group cleaner polls the State API once a second; that API lives in
@@ -48,12 +52,35 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     target = ray_address(address)
+    # Workers reach the same object stores as this process (endpoint and credentials).
+    env_vars = storage_environment()
     if target is None:
         ray.init(
             include_dashboard=False,
             logging_level=logging.WARNING,
-            runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner},
+            runtime_env={
+                "worker_process_setup_hook": quiet_placement_group_cleaner,
+                "env_vars": env_vars,
+            },
         )
         return
     _check_reachable(target)
-    ray.init(address=target, logging_level=logging.WARNING)
+    ray.init(address=target, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
+
+
+def use_reserved_cpus() -> None:
+    """Torch threads = the CPUs this Ray worker reserved: no oversubscription, and the same
+    float rounding whatever environment the worker was started with."""
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
+def ray_storage(folder: UPath) -> tuple[str, pyarrow.fs.FileSystem | None]:
+    """Ray Train's (storage_path, storage_filesystem) for a stage folder on any storage."""
+    if is_local(folder):
+        return str(folder), None
+    handler = pyarrow.fs.FSSpecHandler(folder.fs)
+    return folder.path, pyarrow.fs.PyFileSystem(handler)

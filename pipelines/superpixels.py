@@ -3,14 +3,13 @@
 Each task writes an output shard with every original member plus the
 superpixel label map and segment count, then a report; shards that already
 have a report are not submitted again, so a rerun after an interruption only
-does the missing ones.
+does the missing ones. Shards are read and written where the workdir is, so
+tasks on any node of a cluster reach them when it is an object store.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -18,18 +17,9 @@ import ray
 from pipelines.ray_runtime import connect
 from segclip.config import DataConfig, SegCLIPConfig
 from segclip.data.shards import ShardReport, report_path, superpixel_shard
-from segclip.stage import (
-    InputRef,
-    ShardRef,
-    StageOutput,
-    StageResult,
-    keyed_dir,
-    load_result,
-    single_input,
-)
-from segclip.tracking import NO_LINEAGE, Lineage, tracked_stage
+from segclip.manifest import DataRef, ShardRef, load_result
+from segclip.stage import Stage, StageContext, StageOutput
 
-STAGE = "superpixels"
 SHARD_DIR = "shards"
 # The DataConfig fields the label maps depend on; the crop and patch settings act at training.
 SETTINGS = (
@@ -40,7 +30,7 @@ SETTINGS = (
 )
 
 
-def stage_config(config: SegCLIPConfig) -> dict[str, Any]:
+def settings(config: SegCLIPConfig) -> dict[str, Any]:
     return {"data": config.data.model_dump(mode="json", include=set(SETTINGS))}
 
 
@@ -49,7 +39,12 @@ def _process(row: dict[str, Any], config: DataConfig) -> dict[str, Any]:
     return {"target": row["target"], "samples": report.samples}
 
 
-def _superpixel_shards(config: SegCLIPConfig, sources: list[str], output_dir: Path) -> StageOutput:
+def _ingest_shards(config: SegCLIPConfig, inputs: list[DataRef]) -> list[str]:
+    return load_result(inputs[0].url).shard_urls
+
+
+def _superpixel_shards(context: StageContext[list[str]]) -> StageOutput:
+    config, output_dir, sources = context.config, context.output_dir, context.prepared
     targets = [output_dir / SHARD_DIR / f"{index:05d}.tar" for index in range(len(sources))]
     todo = [
         {"source": source, "target": str(target)}
@@ -57,7 +52,6 @@ def _superpixel_shards(config: SegCLIPConfig, sources: list[str], output_dir: Pa
         if not report_path(target).is_file()
     ]
     if todo:
-        (output_dir / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         connect(config.runtime.ray_address)
         dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
         dataset.map(_process, fn_kwargs={"config": config.data}, num_cpus=1).materialize()
@@ -72,32 +66,19 @@ def _superpixel_shards(config: SegCLIPConfig, sources: list[str], output_dir: Pa
         failures=dict(sorted(failures.items())),
         failed_samples=[failed for report in reports for failed in report.failed],
         shards=[
-            ShardRef(path=str(target.relative_to(output_dir)), samples=report.samples)
+            ShardRef(path=f"{SHARD_DIR}/{target.name}", samples=report.samples)
             for target, report in zip(targets, reports, strict=True)
         ],
         timings={"shard_seconds": sum(report.seconds for report in reports)},
     )
 
 
-def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
-    """This stage's folder for the config and inputs (finished or not), without running it."""
-    return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
-
-
-def run(
-    config: SegCLIPConfig,
-    inputs: Sequence[InputRef],
-    force: bool = False,
-    lineage: Lineage = NO_LINEAGE,
-) -> StageResult:
-    """Superpixels for the shards of one finished ingest output."""
-    upstream = load_result(single_input(inputs, STAGE, "ingest output").path)
-    return tracked_stage(
-        STAGE,
-        config,
-        stage_config(config),
-        inputs,
-        lambda output_dir, _tracked: _superpixel_shards(config, upstream.shard_paths, output_dir),
-        force,
-        lineage,
-    )
+STAGE = Stage[list[str]](
+    name="superpixels",
+    help="add superpixel label maps to the ingested shards (Ray Data)",
+    settings=settings,
+    reads="ingest",
+    prepare=_ingest_shards,
+    body=_superpixel_shards,
+)
+run = STAGE.run

@@ -1,91 +1,79 @@
 """Training stage: Ray Train's TorchTrainer over the superpixel shards, tracked in MLflow.
 
-The driver plans the run (per-worker batch, accumulation, steps), opens the
-MLflow run, and starts N workers running `segclip.train.loop.train_worker`.
-Ray Train keeps the last K checkpoints under the stage folder and restarts a
-crashed worker group from the latest one. A finished run's final checkpoint is
-copied to `final/`; a later run that only adds steps starts from it.
+The driver plans the run (per-worker batch, accumulation, steps), and starts N
+workers running `pipelines.train_worker.train_worker`. Ray Train keeps the last K
+checkpoints in the stage folder (a local folder or an object store every node can
+reach) and restarts a crashed worker group from the latest one. A finished run's
+final checkpoint is copied to `final/`, the stage's `model` file; a later run that
+only adds steps starts from it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import shutil
 import time
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.ray_runtime import connect
-from segclip.config import SegCLIPConfig
-from segclip.stage import (
-    InputRef,
-    StageOutput,
-    StageResult,
-    keyed_dir,
-    load_result,
-    read_manifest,
-    single_input,
-)
-from segclip.tracking import (
-    NO_LINEAGE,
-    Lineage,
-    TrackedRun,
-    set_tags,
-    tracked_stage,
-    tracking_uri,
-)
-from segclip.train.loop import MODEL_FILE, LoopSettings, saved_step, train_worker
-from segclip.train.plan import TrainPlan, plan_training
+from upath import UPath
 
-STAGE = "train"
+from pipelines.ray_runtime import connect, ray_storage
+from pipelines.train_worker import WorkerPayload, train_worker
+from segclip.config import TRAIN_KEY_RUNTIME, SegCLIPConfig
+from segclip.manifest import DataRef, load_result, read_result
+from segclip.stage import Stage, StageContext, StageOutput
+from segclip.storage import location, publish_folder
+from segclip.tracking import log_params, set_tags, tracking_uri
+from segclip.train.plan import TrainPlan, plan_training
+from segclip.train.state import MODEL_FILE, saved_step
+
 FINAL_DIR = "final"
 RAY_DIR = "ray"  # Ray Train's run folder (its checkpoints) inside the stage folder
 # Settings a run may change and still continue from a shorter run's final state.
 EXTENSION_FIELDS = ("steps", "epochs")
 
 
-def stage_config(config: SegCLIPConfig) -> dict[str, Any]:
-    return {
+def settings(config: SegCLIPConfig) -> dict[str, Any]:
+    """Everything that changes the trained weights (see RuntimeConfig for what is not)."""
+    keyed = {
         section: getattr(config, section).model_dump(mode="json")
         for section in ("model", "loss", "data", "train")
     }
+    keyed["runtime"] = config.runtime.model_dump(mode="json", include=set(TRAIN_KEY_RUNTIME))
+    return keyed
 
 
-def final_model(result: StageResult) -> Path:
-    return result.output_dir / FINAL_DIR / MODEL_FILE
+def _without_length(keyed: dict[str, Any]) -> dict[str, Any]:
+    train = {k: v for k, v in keyed["train"].items() if k not in EXTENSION_FIELDS}
+    return {**keyed, "train": train}
 
 
-def _without_length(settings: dict[str, Any]) -> dict[str, Any]:
-    train = {k: v for k, v in settings["train"].items() if k not in EXTENSION_FIELDS}
-    return {**settings, "train": train}
-
-
-def _run_to_extend(config: SegCLIPConfig, inputs: Sequence[InputRef], steps: int) -> Path | None:
+def _run_to_extend(config: SegCLIPConfig, inputs: list[DataRef], steps: int) -> UPath | None:
     """The final state of the longest finished run with these settings but fewer steps."""
-    wanted = _without_length(stage_config(config))
+    wanted = _without_length(settings(config))
     digests = [ref.digest for ref in inputs]
-    best: tuple[int, Path] | None = None
-    for manifest_path in (Path(config.runtime.workdir) / STAGE).glob("*/manifest.json"):
-        manifest = read_manifest(manifest_path.parent)
-        done = manifest.counts.get("steps", 0)
+    best: tuple[int, UPath] | None = None
+    for folder in (location(config.runtime.workdir) / STAGE.name).glob("*"):
+        finished = read_result(folder)
+        if finished is None or "model" not in finished.manifest.files:
+            continue
+        done = finished.manifest.counts.get("steps", 0)
         if (
-            _without_length(manifest.config) == wanted
-            and [ref.digest for ref in manifest.inputs] == digests
+            _without_length(finished.manifest.config) == wanted
+            and [ref.digest for ref in finished.manifest.inputs] == digests
             and done < steps
-            and (manifest_path.parent / FINAL_DIR).is_dir()
             and (best is None or done > best[0])
         ):
-            best = (done, manifest_path.parent / FINAL_DIR)
+            best = (done, folder / FINAL_DIR)
     return best[1] if best else None
 
 
-def _latest_checkpoint(output_dir: Path) -> Path | None:
+def _latest_checkpoint(output_dir: UPath) -> UPath | None:
     """This run's newest complete checkpoint folder. Ray restores the checkpoints it recorded;
     a run interrupted between a checkpoint's upload and Ray's record of it leaves only the
     folder, which this finds."""
-    folders = sorted((output_dir / RAY_DIR).glob("checkpoint_*"), reverse=True)  # time-stamped
-    return next((folder for folder in folders if saved_step(folder) is not None), None)
+    folders = sorted((output_dir / RAY_DIR).glob("checkpoint_*"), key=lambda p: p.name)
+    return next((f for f in reversed(folders) if saved_step(f) is not None), None)
 
 
 def _cpus_per_worker(configured: int | None, plan: TrainPlan) -> int:
@@ -97,39 +85,25 @@ def _cpus_per_worker(configured: int | None, plan: TrainPlan) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.world_size)
 
 
-def _fit(
-    config: SegCLIPConfig,
-    plan: TrainPlan,
-    shards: list[str],
-    run_id: str,
-    output_dir: Path,
-    start_from: Path | None,
-) -> Any:
+def _fit(payload: WorkerPayload, output_dir: UPath) -> Any:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    connect(config.runtime.ray_address)
-    runtime = config.runtime
-    settings = LoopSettings(
-        config=config.model_dump(mode="json"),
-        plan=plan.as_dict(),
-        shards=shards,
-        run_id=run_id,
-        tracking_uri=tracking_uri(config),
-        start_from=str(start_from) if start_from else None,
-        failure_marker=str(output_dir / ".injected_failure"),
-    )
+    runtime = payload.config.runtime
+    connect(runtime.ray_address)
+    storage_path, storage_filesystem = ray_storage(output_dir)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=dataclasses.asdict(settings),
+        train_loop_config={"payload": payload},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.world_size,
+            num_workers=payload.plan.world_size,
             use_gpu=runtime.use_gpu,
-            resources_per_worker={"CPU": _cpus_per_worker(runtime.cpus_per_worker, plan)},
+            resources_per_worker={"CPU": _cpus_per_worker(runtime.cpus_per_worker, payload.plan)},
         ),
         run_config=ray.train.RunConfig(
             name=RAY_DIR,
-            storage_path=str(output_dir.resolve()),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=runtime.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=runtime.keep_checkpoints),
         ),
@@ -137,43 +111,63 @@ def _fit(
     return trainer.fit()
 
 
-def output_dir(config: SegCLIPConfig, inputs: Sequence[InputRef]) -> Path:
-    """This stage's folder for the config and inputs (finished or not), without running it."""
-    return keyed_dir(config.runtime.workdir, STAGE, stage_config(config), inputs)
+@dataclass(frozen=True)
+class TrainingInput:
+    plan: TrainPlan
+    shards: list[str]
 
 
-def run(
-    config: SegCLIPConfig,
-    inputs: Sequence[InputRef],
-    force: bool = False,
-    lineage: Lineage = NO_LINEAGE,
-) -> StageResult:
-    """Train on one finished superpixel output; skipped when this exact run has finished."""
-    upstream = load_result(single_input(inputs, STAGE, "superpixel output").path)
-    plan = plan_training(config, upstream.manifest.counts["samples"])  # bad settings fail here
-
-    def body(output_dir: Path, tracked: TrackedRun) -> StageOutput:
-        # A restarted run continues from its own latest checkpoint; a new one may extend a
-        # shorter finished run.
-        extends = _run_to_extend(config, inputs, plan.total_steps)
-        if extends is not None:
-            set_tags(tracked.client, tracked.run_id, {"segclip.extends": str(extends.parent)})
-        start_from = _latest_checkpoint(output_dir) or extends
-        start = time.perf_counter()
-        result = _fit(config, plan, upstream.shard_paths, tracked.run_id, output_dir, start_from)
-        with result.checkpoint.as_directory() as folder:
-            shutil.copytree(folder, output_dir / FINAL_DIR, dirs_exist_ok=True)
-        tracked.client.log_artifact(tracked.run_id, str(output_dir / FINAL_DIR / MODEL_FILE))
-        return StageOutput(
-            counts={
-                "steps": plan.total_steps,
-                "world_size": plan.world_size,
-                "global_batch": config.train.global_batch_size,
-            },
-            timings={"fit": time.perf_counter() - start},
-        )
-
-    plan_params = {f"plan.{k}": str(v) for k, v in plan.as_dict().items()}
-    return tracked_stage(
-        STAGE, config, stage_config(config), inputs, body, force, lineage, plan_params
+def _plan(config: SegCLIPConfig, inputs: list[DataRef]) -> TrainingInput:
+    """Bad batch or worker settings fail here, before any work."""
+    upstream = load_result(inputs[0].url)
+    return TrainingInput(
+        plan_training(config, upstream.manifest.counts["samples"]), upstream.shard_urls
     )
+
+
+def _train(context: StageContext[TrainingInput]) -> StageOutput:
+    config, output_dir, tracked = context.config, context.output_dir, context.tracked
+    plan = context.prepared.plan
+    log_params(
+        tracked.client, tracked.run_id, {f"plan.{k}": str(v) for k, v in plan.as_dict().items()}
+    )
+    # A restarted run continues from its own latest checkpoint; a new one may extend a
+    # shorter finished run.
+    extends = _run_to_extend(config, context.inputs, plan.total_steps)
+    if extends is not None:
+        set_tags(tracked.client, tracked.run_id, {"segclip.extends": str(extends.parent)})
+    start_from = _latest_checkpoint(output_dir) or extends
+    payload = WorkerPayload(
+        config=config,
+        plan=plan,
+        shards=context.prepared.shards,
+        run_id=tracked.run_id,
+        tracking_uri=tracking_uri(config),
+        start_from=str(start_from) if start_from else None,
+        failure_marker=str(output_dir / ".injected_failure"),
+    )
+    start = time.perf_counter()
+    result = _fit(payload, output_dir)
+    with result.checkpoint.as_directory() as folder:
+        publish_folder(Path(folder), output_dir / FINAL_DIR)
+        tracked.client.log_artifact(tracked.run_id, str(Path(folder) / MODEL_FILE))
+    return StageOutput(
+        counts={
+            "steps": plan.total_steps,
+            "world_size": plan.world_size,
+            "global_batch": config.train.global_batch_size,
+        },
+        files={"model": f"{FINAL_DIR}/{MODEL_FILE}"},
+        timings={"fit": time.perf_counter() - start},
+    )
+
+
+STAGE = Stage[TrainingInput](
+    name="train",
+    help="train SegCLIP on the superpixel shards (Ray Train, MLflow)",
+    settings=settings,
+    reads="superpixels",
+    prepare=_plan,
+    body=_train,
+)
+run = STAGE.run

@@ -7,8 +7,15 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
-from segclip.config import ConfigError, available_profiles, config_to_yaml, load_config
+from segclip.config import (
+    ConfigError,
+    ProtocolName,
+    available_profiles,
+    config_to_yaml,
+    load_config,
+)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_profile: str) -> None:
@@ -46,10 +53,16 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="label pixels whose best class score is below min(T, best score in the image) "
-        "as background (METHOD.md: VOC 0.8); default: every pixel gets a class",
+        "as background (docs/method.md: VOC 0.8); default: every pixel gets a class",
     )
     parser.add_argument(
-        "--protocol", default="segclip", help="sliding-window protocol (segclip, tcl448)"
+        "--protocol",
+        default="segclip",
+        choices=get_args(ProtocolName),
+        help="evaluation protocol: resize, windows, prompts (default: segclip)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N"
     )
     parser.add_argument(
         "--output", type=Path, default=Path("predictions"), help="folder for the PNGs"
@@ -63,7 +76,13 @@ def _predict_command(args: argparse.Namespace) -> int:
     if not classes:
         raise ConfigError("--classes must name at least one class")
     for label_path, overlay_path in predict_images(
-        args.checkpoint, classes, args.images, args.output, args.background_threshold, args.protocol
+        args.checkpoint,
+        classes,
+        args.images,
+        args.output,
+        background_threshold=args.background_threshold,
+        protocol=args.protocol,
+        device=args.device,
     ):
         print(f"{label_path}  {overlay_path}")
     return 0
@@ -127,7 +146,7 @@ def main(argv: list[str] | None = None, commands: dict[str, Command] | None = No
     args = build_parser(commands).parse_args(argv)
     try:
         return commands[args.command].run(args)
-    except (ConfigError, FileNotFoundError, ConnectionError) as error:
+    except (ConfigError, FileNotFoundError, ConnectionError, ValueError) as error:
         print(f"segclip {args.command}: {error}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
 """Typed configuration: one pydantic model per section, YAML profiles, dotted overrides.
 
-Defaults are METHOD.md's reference recipe; a profile (`paper`, `tiny`, or a YAML
+Defaults are docs/method.md's reference recipe; a profile (`paper`, `tiny`, or a YAML
 path) overrides them, and `section.field=value` strings override the profile.
 Every model forbids unknown keys, so a typo fails before any work starts with
 the dotted name of the offending field.
@@ -10,15 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from segclip.architecture import describe_clip
-from segclip.eval.protocol import PROTOCOLS
+from segclip.clip_architecture import describe_clip
 
 PROFILE_DIR = Path(__file__).parent / "configs"
+
+# Choice lists: each names the keys of one registry, and tests/unit/test_registries.py ties
+# them, so a choice added to a registry without its name here (or the reverse) fails a test.
+KlForm = Literal["reference", "plain"]  # segclip.losses.KL_FORMS
+SuperpixelMethod = Literal["felzenszwalb", "slic"]  # segclip.data.superpixels.SUPERPIXEL_METHODS
+PatchLabel = Literal["mean", "majority"]  # segclip.data.superpixels.PATCH_REDUCTIONS
+Precision = Literal["fp32", "bf16", "fp16"]  # segclip.train.step.AUTOCAST_DTYPES
+ProtocolName = Literal["segclip", "tcl448", "segclip_learned_scale"]  # eval.protocol.PROTOCOLS
+BenchmarkName = Literal[  # segclip.eval.datasets.BENCHMARKS
+    "voc", "voc20", "context", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k",
+    "demo",
+]  # fmt: skip
+BaselineName = Literal["all_background", "random_centers"]  # segclip.eval.baselines.BASELINES
+IngestSource = Literal["demo", "urls", "coco", "shards"]  # pipelines.ingest.SOURCES
+LateBlockContext = Literal["all_centers", "own_center"]  # SegCLIP.run_late_blocks
 
 
 class ConfigError(ValueError):
@@ -30,7 +44,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Architecture of the SegCLIP model (METHOD.md sections 1-3)."""
+    """Architecture of the SegCLIP model (docs/method.md sections 1-3)."""
 
     clip_model: str = Field("ViT-B-16", description="open_clip architecture name")
     pretrained: str | None = Field(
@@ -39,10 +53,10 @@ class ModelConfig(_Section):
     quick_gelu: bool = Field(True, description="QuickGELU activations (OpenAI CLIP weights)")
     num_centers: int = Field(8, ge=1, description="learnable centers G")
     group_layer: int | None = Field(
-        None, ge=1, description="vision blocks before the group module; null = depth - 2"
+        10, ge=1, description="vision blocks before the group module; null = depth - 2"
     )
     cross_attention_blocks: int = Field(2, ge=1)
-    late_block_context: Literal["all_centers", "own_center"] = Field(
+    late_block_context: LateBlockContext = Field(
         "all_centers",
         description="what a center attends to in the vision blocks after the group module: "
         "all_centers [ref]; own_center [fix] runs each center alone, so its embedding "
@@ -75,24 +89,24 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Loss weights and variants (METHOD.md section 3)."""
+    """Loss weights and variants (docs/method.md section 3)."""
 
     contrastive_weight: float = Field(1.0, ge=0)
     superpixel_kl_weight: float = Field(1.0, ge=0)
     reconstruction_weight: float = Field(1.0, ge=0)
-    kl_form: Literal["reference", "plain"] = "reference"
+    kl_form: KlForm = "reference"
 
 
 class DataConfig(_Section):
-    """Superpixels and training augmentation (METHOD.md section 4)."""
+    """Superpixels and training augmentation (docs/method.md section 4)."""
 
-    superpixel_method: Literal["felzenszwalb", "slic"] = "felzenszwalb"
+    superpixel_method: SuperpixelMethod = "felzenszwalb"
     felzenszwalb_scale: float = Field(224.0, gt=0)
     felzenszwalb_sigma: float = Field(0.9, ge=0)
     felzenszwalb_min_size: int = Field(224, ge=1)
     crop_scale: tuple[float, float] = (0.5, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    patch_label: Literal["mean", "majority"] = "mean"
+    patch_label: PatchLabel = "mean"
     shuffle_buffer: int = Field(1000, ge=1, description="samples mixed across shards in training")
 
     @model_validator(mode="after")
@@ -107,7 +121,7 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation recipe (METHOD.md section 5)."""
+    """Optimisation recipe (docs/method.md section 5)."""
 
     global_batch_size: int = Field(768, ge=1)
     epochs: int = Field(10, ge=1)
@@ -118,7 +132,7 @@ class TrainConfig(_Section):
     eps: float = Field(1e-6, gt=0)
     grad_clip_norm: float = Field(1.0, gt=0)
     warmup_fraction: float = Field(0.15, ge=0, lt=1)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Precision = "fp32"
     steps: int | None = Field(
         None, ge=1, description="optimiser steps; null = epochs x (samples // global batch)"
     )
@@ -126,29 +140,21 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """Zero-shot segmentation benchmarks (METHOD.md section 6); the protocol fixes the method."""
+    """Zero-shot segmentation benchmarks (docs/method.md 6); the protocol fixes the method."""
 
-    protocol: str = Field(
-        "segclip", description="named, versioned protocol: " + ", ".join(PROTOCOLS)
+    protocol: ProtocolName = Field(
+        "segclip", description="named, versioned protocol: " + ", ".join(get_args(ProtocolName))
     )
-    benchmarks: tuple[str, ...] = ("voc", "context", "coco_object")
+    benchmarks: tuple[BenchmarkName, ...] = ("voc", "context", "coco_object")
     data_root: str = Field("data", description="folder holding each benchmark's dataset")
     precision: Literal["fp32", "bf16"] = "fp32"
     window_batch: int = Field(16, ge=1, description="sliding windows encoded per forward pass")
     overlays: int = Field(4, ge=0, description="overlay images logged per benchmark")
-    baselines: tuple[Literal["all_background", "random_centers"], ...] = Field(
+    baselines: tuple[BaselineName, ...] = Field(
         (),
         description="trivial baselines evaluated beside the model: all_background (every "
         "pixel background), random_centers (the model's grouping, random class per center)",
     )
-
-    @model_validator(mode="after")
-    def _check_protocol(self) -> EvalConfig:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(
-                f"unknown protocol {self.protocol!r}; choose one of {sorted(PROTOCOLS)}"
-            )
-        return self
 
 
 class DemoDataConfig(_Section):
@@ -173,7 +179,7 @@ class DemoDataConfig(_Section):
 class IngestConfig(_Section):
     """Where the image-text pairs come from and how they are stored (ingest stage)."""
 
-    source: Literal["demo", "urls", "coco", "shards"] = Field(
+    source: IngestSource = Field(
         "demo",
         description="demo scenes served on 127.0.0.1, a url+caption list, a COCO-2014 "
         "captions folder, or existing webdataset shards",
@@ -210,9 +216,29 @@ class IngestConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    """Where and how wide stages run. Outputs do not depend on it, so stage keys leave it out."""
+    """Where and how wide stages run.
 
-    workdir: str = Field("workdir", description="root of every stage's output folder")
+    Most of it changes no output and stays out of the stage keys. The exceptions are in the
+    training key (`TRAIN_KEY_RUNTIME`): the worker count and loader workers decide which
+    samples each rank sees in which order, and `max_worker_batch` the contrastive
+    negatives of each micro-batch. Known reproducibility limits, not keyed: `device` /
+    `use_gpu` and `cpus_per_worker` (kernels and thread counts round differently).
+    """
+
+    workdir: str = Field(
+        "workdir", description="root of every stage's output folder: a path or an fsspec URL"
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for s3:// URLs (MinIO, Ceph, moto); null = "
+        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS itself. Credentials come from the "
+        "standard AWS variables or files",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+        description="evaluation and predict device: auto = cuda when available, else cpu",
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray"
     )
@@ -220,7 +246,9 @@ class RuntimeConfig(_Section):
         None, description="MLflow store; null = MLFLOW_TRACKING_URI or <workdir>/mlflow.db"
     )
     train_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool = Field(False, description="one GPU per training worker (NCCL) instead of CPU")
+    use_gpu: bool = Field(
+        False, description="one GPU per training worker (NCCL) and per evaluation actor"
+    )
     cpus_per_worker: int | None = Field(
         None, ge=1, description="CPUs (and torch threads) per training worker; null = share all"
     )
@@ -243,6 +271,10 @@ class RuntimeConfig(_Section):
     ingest_distributor: Literal["auto", "multiprocessing", "ray"] = Field(
         "auto", description="img2dataset's distributor; auto = ray when a Ray address is set"
     )
+
+
+# The runtime settings that change trained weights, so the training stage's key holds them.
+TRAIN_KEY_RUNTIME = ("train_workers", "loader_workers", "max_worker_batch")
 
 
 class SegCLIPConfig(_Section):

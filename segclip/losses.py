@@ -1,4 +1,4 @@
-"""SegCLIP's three losses as pure functions of tensors (METHOD.md section 3)."""
+"""SegCLIP's three losses as pure functions of tensors (docs/method.md section 3)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ def segclip_loss(
 ) -> LossTerms:
     """L = w_con L_con + w_kl L_kl + w_rec L_rec, with each term kept for logging."""
     con = contrastive_loss(outputs.image_features, outputs.text_features, outputs.logit_scale)
-    kl = superpixel_kl_loss(outputs.hard_assign, superpixel_ids, config.kl_form)
+    kl = superpixel_kl_loss(outputs.patch_assign, superpixel_ids, config.kl_form)
     rec = reconstruction_loss(outputs.reconstruction, outputs.target, outputs.masked)
     total = (
         config.contrastive_weight * con

@@ -18,7 +18,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,11 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
+from upath import UPath
 
 from segclip.config import SegCLIPConfig
-from segclip.stage import InputRef, StageOutput, StageResult, code_revision, run_stage
+from segclip.manifest import MANIFEST_NAME, DataRef, StageResult, code_revision, json_digest
+from segclip.storage import is_local, local_copy, location
 
 EXPERIMENT = "segclip"
 RUN_ID_FILE = "mlflow_run_id"
@@ -36,11 +38,22 @@ MAX_PARAM_LENGTH = 6000
 SERVER_PROBE_TIMEOUT_S = 5.0
 
 
+def _local_store_folder(workdir: UPath) -> Path:
+    """Beside a local workdir; for a workdir on an object store, a local cache folder of its
+    own (SQLite needs a local file; on a cluster use an MLflow server)."""
+    if is_local(workdir):
+        return Path(workdir)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "segclip"
+    return cache / "mlflow" / json_digest(str(workdir))[:16]
+
+
 def tracking_uri(config: SegCLIPConfig) -> str:
     configured = config.runtime.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if configured:
         return configured
-    return f"sqlite:///{(Path(config.runtime.workdir) / 'mlflow.db').resolve()}"
+    folder = _local_store_folder(location(config.runtime.workdir))
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def _check_server(uri: str) -> None:
@@ -68,10 +81,12 @@ def experiment_id(client: MlflowClient, config: SegCLIPConfig) -> str:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
         return experiment.experiment_id
-    location = None
+    artifacts = None
     if client.tracking_uri.startswith("sqlite:///"):
-        location = (Path(config.runtime.workdir) / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(EXPERIMENT, artifact_location=location)
+        workdir = location(config.runtime.workdir)
+        folder = workdir / "mlartifacts"
+        artifacts = Path(folder).as_uri() if is_local(workdir) else str(folder)
+    return client.create_experiment(EXPERIMENT, artifact_location=artifacts)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -127,20 +142,20 @@ class TrackedRun:
     run_id: str
 
 
-def stage_run(
+def open_stage_run(
     client: MlflowClient,
     config: SegCLIPConfig,
+    *,
     stage: str,
-    output_dir: Path,
-    inputs: Sequence[InputRef],
-    params: Mapping[str, str],
+    output_dir: UPath,
+    inputs: Sequence[DataRef],
     lineage: Lineage,
-) -> str:
+) -> TrackedRun:
     """The MLflow run of one stage output, created once: an interrupted stage that resumes
-    keeps logging into the same run. Tags link it to its stage key and input manifests."""
+    keeps logging into the same run. Tags link it to its stage key and input digests."""
     saved = output_dir / RUN_ID_FILE
     if saved.is_file():
-        return saved.read_text().strip()
+        return TrackedRun(client, saved.read_text().strip())
     run = client.create_run(
         experiment_id(client, config),
         run_name=f"{stage}-{output_dir.name}",
@@ -151,53 +166,33 @@ def stage_run(
         },
     )
     run_id = run.info.run_id
-    log_params(client, run_id, {**flatten(config.model_dump(mode="json")), **params})
+    log_params(client, run_id, flatten(config.model_dump(mode="json")))
     set_tags(
         client,
         run_id,
         {
-            **{f"segclip.input.{i}": ref.path for i, ref in enumerate(inputs)},
+            **{f"segclip.input.{i}": ref.url for i, ref in enumerate(inputs)},
             **{f"segclip.input_digest.{i}": ref.digest for i, ref in enumerate(inputs)},
         },
     )
     saved.write_text(run_id)
-    return run_id
+    return TrackedRun(client, run_id)
 
 
-def tracked_stage(
-    stage: str,
-    config: SegCLIPConfig,
-    stage_config: Mapping[str, Any],
-    inputs: Sequence[InputRef],
-    body: Callable[[Path, TrackedRun], StageOutput],
-    force: bool,
-    lineage: Lineage,
-    params: Mapping[str, str] | None = None,
-) -> StageResult:
-    """`run_stage` with the stage's MLflow run: created (or reopened) before the body runs,
-    marked failed if it raises, given the manifest and counts when it finishes."""
-    client = tracking_client(config)
-
-    def tracked_body(output_dir: Path) -> StageOutput:
-        run_id = stage_run(client, config, stage, output_dir, inputs, params or {}, lineage)
-        try:
-            return body(output_dir, TrackedRun(client, run_id))
-        except BaseException:
-            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
-            raise
-
-    result = run_stage(stage, config.runtime.workdir, stage_config, inputs, tracked_body, force)
-    if not result.skipped:
-        run_id = produced_by(result.output_dir)
-        log_metrics(
-            client, run_id, {f"count/{k}": v for k, v in result.manifest.counts.items()}, step=0
-        )
-        client.log_artifact(run_id, str(result.output_dir / "manifest.json"))
-        client.set_terminated(run_id)
-    return result
+def fail_stage_run(tracked: TrackedRun) -> None:
+    tracked.client.set_terminated(tracked.run_id, RunStatus.to_string(RunStatus.FAILED))
 
 
-def produced_by(output_dir: Path) -> str:
+def finish_stage_run(tracked: TrackedRun, result: StageResult) -> None:
+    """The counts as metrics and the manifest as an artifact; the run is FINISHED."""
+    counts = {f"count/{name}": value for name, value in result.manifest.counts.items()}
+    log_metrics(tracked.client, tracked.run_id, counts, step=0)
+    with local_copy(result.output_dir / MANIFEST_NAME) as manifest:
+        tracked.client.log_artifact(tracked.run_id, str(manifest))
+    tracked.client.set_terminated(tracked.run_id)
+
+
+def produced_by(output_dir: UPath) -> str:
     """The id of the MLflow run that produced a stage output."""
     return (output_dir / RUN_ID_FILE).read_text().strip()
 

@@ -1,1 +1,1 @@
-"""Data: superpixels, patch labels and the built-in demo scenes."""
+"""Data: superpixels and patch labels, shards, the training loader and the built-in demo scenes."""

@@ -1,4 +1,4 @@
-"""Paired augmentation: one RandomResizedCrop box for an image and its label map (METHOD.md 4)."""
+"""Paired augmentation: one crop box for an image and its label map (docs/method.md 4)."""
 
 from __future__ import annotations
 

@@ -12,11 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from upath import UPath
 
 from segclip.config import DemoDataConfig
 from segclip.data.scenes import CATEGORIES, SCENES_VERSION, Scene, render_scene
 from segclip.data.voc import SPLIT_DIR, mark_borders, write_voc_split
-from segclip.io import atomic_path
+from segclip.storage import atomic_write, location
 
 DEMO_CLASS_NAMES = ("background", *CATEGORIES)
 CAPTIONS_FILE = "captions.parquet"
@@ -45,14 +46,14 @@ def write_demo_source(folder: str | Path, config: DemoDataConfig) -> Path:
         Image.fromarray(scene.image).save(folder / name)
         files.append(name)
         texts.append(scene.caption)
-    with atomic_path(captions) as tmp:
+    with atomic_write(captions) as tmp:
         pq.write_table(pa.table({"file": files, "caption": texts}), tmp)
     return captions
 
 
-def write_demo_benchmark(root: str | Path, config: DemoDataConfig) -> Path:
+def write_demo_benchmark(root: str | Path | UPath, config: DemoDataConfig) -> UPath:
     """The demo segmentation benchmark in the PASCAL VOC layout (val split); skip if complete."""
-    root = Path(root)
+    root = location(root)
     if (root / SPLIT_DIR / "val.txt").is_file():
         return root
     size = config.image_size

@@ -1,5 +1,7 @@
 """Training loader: superpixel shards -> Batch(images, caption tokens, patch superpixel ids).
 
+Shards are streamed from wherever they are (a local folder or an object store).
+
 Shards are split by rank (strided) and then by loader worker, so in epoch mode
 every sample is read exactly once per epoch by exactly one (rank, worker). In
 resampled mode each (rank, worker) draws shards with replacement from its
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -19,15 +21,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from segclip.architecture import describe_clip
+from segclip.clip_architecture import describe_clip
 from segclip.config import SegCLIPConfig
 from segclip.data.augment import paired_random_resized_crop
+from segclip.data.batch import Batch
 from segclip.data.shards import LABEL_MEMBER, decode_label_map, image_member
 from segclip.data.superpixels import patch_superpixel_ids
 from segclip.data.transforms import normalize_images
 from segclip.model.segclip import CaptionTokenizer
-from segclip.train.step import Batch
+from segclip.storage import location
 
 
 def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -73,6 +77,19 @@ class RankShards(IterableDataset):
         mine = self.shards[worker::workers]
         for url in rng.sample(mine, len(mine)):
             yield {"url": url}
+
+
+def open_shards(shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+    """Each shard URL (a path, `s3://`, ...) opened on its store and read as the tar stream
+    is consumed: streamed, never copied whole first."""
+    for shard in shards:
+        with location(shard["url"]).open("rb") as stream:
+            yield {**shard, "stream": stream}
+
+
+def expand_tar_samples(streams: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Tar streams -> samples grouped by key, as webdataset's own tar reader does."""
+    return group_by_keys(tar_file_expander(streams))
 
 
 class TrainingSample:
@@ -125,7 +142,8 @@ def training_samples(
     seed = hash((config.train.seed, epoch))
     return wds.DataPipeline(
         RankShards(shards, rank, world_size, resampled, seed),
-        wds.tarfile_to_samples(),
+        open_shards,
+        expand_tar_samples,
         wds.shuffle(config.data.shuffle_buffer, seed=hash((seed, rank))),
         wds.map(TrainingSample(config)),
     )

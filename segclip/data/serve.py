@@ -1,22 +1,63 @@
-"""A static file server on 127.0.0.1, so local files go through a real HTTP download path."""
+"""A static file server on 127.0.0.1, so local or stored files go through a real HTTP download."""
 
 from __future__ import annotations
 
+import mimetypes
+import os
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+from upath import UPath
+
+from segclip.storage import location
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
+class _StoreHandler(BaseHTTPRequestHandler):
+    """GET and HEAD of the files under the server's root, which may be any fsspec URL."""
+
+    def _file(self) -> UPath | None:
+        relative = unquote(urlsplit(self.path).path).lstrip("/")
+        if not relative or ".." in relative.split("/"):
+            return None
+        path = self.server.root / relative  # type: ignore[attr-defined]
+        return path if path.is_file() else None
+
+    def _send(self, with_body: bool) -> None:
+        path = self._file()
+        if path is None:
+            self.send_error(404, "File not found")
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header(
+            "Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        )
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if with_body:
+            self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._send(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._send(with_body=False)
+
     def log_message(self, format: str, *args: object) -> None:
         """Thousands of image requests would drown the stage's own progress output."""
 
 
 class _LoopbackServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: UPath) -> None:
+        super().__init__(("127.0.0.1", 0), _StoreHandler)
+        self.root = root
+
     def handle_error(self, request: object, client_address: tuple) -> None:
         """A client that hangs up mid-transfer (img2dataset's timeouts and retries do) is
         normal here; only other errors are worth a traceback."""
@@ -26,10 +67,10 @@ class _LoopbackServer(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_directory(folder: str | Path) -> Iterator[str]:
-    """Serve `folder` on a free loopback port for the duration of the block; yields the base URL."""
-    handler = partial(_QuietHandler, directory=str(folder))
-    server = _LoopbackServer(("127.0.0.1", 0), handler)
+def serve_directory(folder: str | os.PathLike[str]) -> Iterator[str]:
+    """Serve `folder` (a path or URL) on a free loopback port for the duration of the block;
+    yields the base URL."""
+    server = _LoopbackServer(location(folder))
     thread = threading.Thread(target=server.serve_forever, name="serve-directory", daemon=True)
     thread.start()
     try:

@@ -17,12 +17,13 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from pydantic import BaseModel
+from upath import UPath
 from webdataset.tariterators import base_plus_ext
 
 from segclip.config import DataConfig
 from segclip.data.superpixels import compute_superpixels
-from segclip.io import atomic_path
-from segclip.stage import FailedSample
+from segclip.manifest import FailedSample
+from segclip.storage import atomic_write, location
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_MEMBER = "superpixels.png"  # 16-bit grayscale PNG: lossless and compact
@@ -38,8 +39,8 @@ class ShardReport(BaseModel):
     seconds: float
 
 
-def report_path(shard: str | Path) -> Path:
-    return Path(shard).with_suffix(".report.json")
+def report_path(shard: str | Path | UPath) -> UPath:
+    return location(shard).with_suffix(".report.json")
 
 
 def encode_label_map(labels: np.ndarray) -> bytes:
@@ -83,16 +84,16 @@ def _superpixel_members(sample: dict, config: DataConfig) -> dict[str, bytes | s
     return {LABEL_MEMBER: encode_label_map(labels), COUNT_MEMBER: str(segments)}
 
 
-def samples_in_key_order(shard: str | Path) -> Iterator[dict]:
-    """The samples of a local webdataset shard, sorted by key.
+def samples_in_key_order(shard: str | Path | UPath) -> Iterator[dict]:
+    """The samples of a webdataset shard (a path or URL), sorted by key.
 
     img2dataset writes a shard's samples in the order their downloads finish, which
     changes from run to run; reading them in key order makes every later stage, and
     so training, reproducible from the same URL list.
     """
-    with tarfile.open(shard) as tar:
+    with location(shard).open("rb") as stream, tarfile.open(fileobj=stream) as tar:
         members: dict[str, dict[str, tarfile.TarInfo]] = defaultdict(dict)
-        for member in tar.getmembers():  # headers only: the data stays on disk
+        for member in tar.getmembers():  # headers only: the data stays where it is
             key, extension = base_plus_ext(member.name)  # how webdataset itself groups members
             if member.isfile() and key is not None:
                 members[key][extension.lower()] = member
@@ -101,7 +102,7 @@ def samples_in_key_order(shard: str | Path) -> Iterator[dict]:
             yield {"__key__": key, **{ext: tar.extractfile(m).read() for ext, m in files.items()}}
 
 
-def superpixel_shard(source: str, target: str | Path, config: DataConfig) -> ShardReport:
+def superpixel_shard(source: str, target: str | Path | UPath, config: DataConfig) -> ShardReport:
     """Copy every member of every sample of `source`, in key order, and add its superpixel
     map and count.
 
@@ -110,7 +111,7 @@ def superpixel_shard(source: str, target: str | Path, config: DataConfig) -> Sha
     """
     start = time.perf_counter()
     failed, written = [], 0
-    with atomic_path(target) as tmp, wds.TarWriter(str(tmp)) as sink:
+    with atomic_write(target) as tmp, wds.TarWriter(str(tmp)) as sink:
         for sample in samples_in_key_order(source):
             try:
                 extra = _superpixel_members(sample, config)
@@ -121,6 +122,6 @@ def superpixel_shard(source: str, target: str | Path, config: DataConfig) -> Sha
             sink.write({"__key__": sample["__key__"], **members, **extra})
             written += 1
     report = ShardReport(samples=written, failed=failed, seconds=time.perf_counter() - start)
-    with atomic_path(report_path(target)) as tmp:
+    with atomic_write(report_path(target)) as tmp:
         tmp.write_text(report.model_dump_json())
     return report

@@ -1,4 +1,4 @@
-"""Superpixel label maps and their reduction to one id per patch (METHOD.md section 4)."""
+"""Superpixel label maps and their reduction to one id per patch (docs/method.md section 4)."""
 
 from __future__ import annotations
 

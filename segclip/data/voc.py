@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from upath import UPath
 
-from segclip.io import atomic_path
+from segclip.storage import atomic_write, location, write_text
 
 IGNORE_INDEX = 255
 IMAGE_DIR = "JPEGImages"
 LABEL_DIR = "SegmentationClass"
-SPLIT_DIR = Path("ImageSets") / "Segmentation"
+SPLIT_DIR = "ImageSets/Segmentation"
 CLASS_NAMES_FILE = "class_names.txt"
 
 
@@ -50,24 +51,23 @@ def mark_borders(class_map: np.ndarray, width: int = 1) -> np.ndarray:
 
 
 def write_voc_split(
-    root: str | Path,
+    root: str | Path | UPath,
     samples: Iterable[tuple[str, np.ndarray, np.ndarray]],
     class_names: Sequence[str],
     split: str = "val",
-) -> Path:
+) -> UPath:
     """Write (id, RGB image, label map) samples as JPEGImages/, SegmentationClass/, split list.
 
     The split list is written last and atomically, so its presence marks a complete folder.
     """
-    root = Path(root)
-    for folder in (IMAGE_DIR, LABEL_DIR, SPLIT_DIR):
-        (root / folder).mkdir(parents=True, exist_ok=True)
+    root = location(root)
     ids = []
     for sample_id, image, labels in samples:
-        Image.fromarray(image).save(root / IMAGE_DIR / f"{sample_id}.jpg", quality=95)
-        palette_image(labels).save(root / LABEL_DIR / f"{sample_id}.png")
+        with atomic_write(root / IMAGE_DIR / f"{sample_id}.jpg") as scratch:
+            Image.fromarray(image).save(scratch, format="JPEG", quality=95)
+        with atomic_write(root / LABEL_DIR / f"{sample_id}.png") as scratch:
+            palette_image(labels).save(scratch, format="PNG")
         ids.append(sample_id)
-    (root / CLASS_NAMES_FILE).write_text("\n".join(class_names) + "\n")
-    with atomic_path(root / SPLIT_DIR / f"{split}.txt") as tmp:
-        tmp.write_text("\n".join(ids) + "\n")
+    write_text(root / CLASS_NAMES_FILE, "\n".join(class_names) + "\n")
+    write_text(root / SPLIT_DIR / f"{split}.txt", "\n".join(ids) + "\n")
     return root

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from segclip.eval.datasets import BenchmarkSpec
-from segclip.eval.evaluate import Predictor
+from segclip.eval.scoring import Predictor
 from segclip.eval.segment import CenterLabeller, Segmenter
 from segclip.model import ImageEncoding
 
@@ -36,6 +36,7 @@ def random_center_labeller(seed: int, background: bool) -> CenterLabeller:
         choice = torch.randint(classes + background, (batch, groups), generator=generator)
         scores = torch.zeros(batch, groups, classes + 1)
         scores.scatter_(2, choice[..., None], 1.0)
+        scores = scores.to(encoding.center_embeddings.device)
         return scores[..., :classes]  # the extra column (background) is dropped
 
     return labeller
@@ -48,15 +49,7 @@ class Baseline:
 
 
 def _random_centers(segmenter: Segmenter, spec: BenchmarkSpec, seed: int) -> Segmenter:
-    return Segmenter(
-        segmenter.model,
-        spec.text_classes,
-        segmenter.protocol,
-        segmenter.background_threshold,
-        segmenter.window_batch,
-        segmenter.bf16,
-        labeller=random_center_labeller(seed, spec.background),
-    )
+    return segmenter.with_labeller(random_center_labeller(seed, spec.background))
 
 
 BASELINES: dict[str, Baseline] = {

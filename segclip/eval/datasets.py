@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+from upath import UPath
 
 from segclip.config import SegCLIPConfig
 from segclip.data.demo_data import DEMO_CLASS_NAMES, demo_data_key, write_demo_benchmark
 from segclip.data.voc import IGNORE_INDEX
 from segclip.eval import class_names as names
-from segclip.stage import json_digest
+from segclip.manifest import json_digest
+from segclip.storage import atomic_write, location
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,12 @@ coco_stuff_ids = _lookup(
     | {91 + j: 80 + j for j in range(len(names.COCO_STUFF))},
     IGNORE_INDEX,
 )
-# METHOD.md 6: thing ids map to 1..80; everything else, 255 included, is background.
+# docs/method.md 6: thing ids map to 1..80; everything else, 255 included, is background.
 coco_object_ids = _lookup({raw: 1 + i for i, raw in enumerate(names.COCO_THING_IDS)}, 0)
 cityscapes_train_ids = _lookup({raw: i for i, raw in enumerate(names.CITYSCAPES_IDS)}, IGNORE_INDEX)
 
 
-def _demo_benchmark(root: Path, config: SegCLIPConfig) -> Path:
+def _demo_benchmark(root: UPath, config: SegCLIPConfig) -> UPath:
     """One folder per demo configuration, so a changed seed or size never reuses old files."""
     digest = json_digest(demo_data_key(config.demo))[:12]
     return write_demo_benchmark(root / f"demo-{digest}", config.demo)
@@ -74,14 +76,14 @@ class BenchmarkSpec:
     split: str | None  # file listing the ids; None = every image matching `images`
     convert: Callable[[np.ndarray], np.ndarray]
     obtain: str  # where the data comes from, for the missing-data error
-    generate: Callable[[Path, SegCLIPConfig], Path] | None = None  # built-in data: write it
+    generate: Callable[[UPath, SegCLIPConfig], UPath] | None = None  # built-in data: write it
 
-    def locate(self, config: SegCLIPConfig) -> Path:
-        """The dataset folder: generated under the workdir for built-in data, else under
-        eval.data_root."""
+    def locate(self, config: SegCLIPConfig) -> UPath:
+        """The dataset folder (a path or URL): generated under the workdir for built-in data,
+        else under eval.data_root."""
         if self.generate is not None:
-            return self.generate(Path(config.runtime.workdir) / "benchmarks", config)
-        return Path(config.eval.data_root) / self.folder
+            return self.generate(location(config.runtime.workdir) / "benchmarks", config)
+        return location(config.eval.data_root) / self.folder
 
     @property
     def text_classes(self) -> tuple[str, ...]:
@@ -143,10 +145,10 @@ def get_benchmark(name: str) -> BenchmarkSpec:
         raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}") from None
 
 
-def sample_ids(spec: BenchmarkSpec, folder: Path) -> list[str]:
+def sample_ids(spec: BenchmarkSpec, folder: UPath) -> list[str]:
     """The split's ids, after checking the folder holds what the spec expects."""
 
-    def missing(path: Path, what: str) -> FileNotFoundError:
+    def missing(path: UPath, what: str) -> FileNotFoundError:
         return FileNotFoundError(
             f"benchmark {spec.name!r}: expected {what} at {path}; to get the data: {spec.obtain}"
         )
@@ -160,9 +162,10 @@ def sample_ids(spec: BenchmarkSpec, folder: Path) -> list[str]:
         ids = split.read_text().split()
     else:
         prefix, suffix = spec.images.split("{id}")
+        images = folder / prefix
         ids = sorted(
-            str(path.relative_to(folder / prefix))[: -len(suffix) or None]
-            for path in (folder / prefix).rglob(f"*{suffix}")
+            "/".join(path.parts[len(images.parts) :])[: -len(suffix) or None]
+            for path in images.rglob(f"*{suffix}")
         )
     if not ids:
         raise missing(folder / spec.images.split("{id}")[0], "the images")
@@ -172,15 +175,21 @@ def sample_ids(spec: BenchmarkSpec, folder: Path) -> list[str]:
     return ids
 
 
-def read_sample(spec: BenchmarkSpec, folder: Path, sample_id: str) -> Sample:
-    with Image.open(folder / spec.images.format(id=sample_id)) as image:
+def _read_image(path: UPath) -> np.ndarray:
+    """Pixels as stored: palette PNGs read as indices, grayscale as values."""
+    with path.open("rb") as stream, Image.open(stream) as image:
+        return np.asarray(image)
+
+
+def read_sample(spec: BenchmarkSpec, folder: UPath, sample_id: str) -> Sample:
+    image_path = folder / spec.images.format(id=sample_id)
+    with image_path.open("rb") as stream, Image.open(stream) as image:
         rgb = np.asarray(image.convert("RGB"))
-    with Image.open(folder / spec.labels.format(id=sample_id)) as label:
-        raw = np.asarray(label)  # palette PNGs read as indices, grayscale as values
+    raw = _read_image(folder / spec.labels.format(id=sample_id))
     return Sample(sample_id, rgb, spec.convert(raw))
 
 
-def read_samples(spec: BenchmarkSpec, folder: Path, limit: int | None = None) -> Iterator[Sample]:
+def read_samples(spec: BenchmarkSpec, folder: UPath, limit: int | None = None) -> Iterator[Sample]:
     for sample_id in sample_ids(spec, folder)[:limit]:
         yield read_sample(spec, folder, sample_id)
 
@@ -192,11 +201,11 @@ def export_coco_object(folder: str | Path) -> int:
     expect the converted files. Returns the number of maps written.
     """
     spec = BENCHMARKS["coco_object"]
-    folder = Path(folder)
+    folder = location(folder)
     ids = sample_ids(spec, folder)
     for sample_id in tqdm(ids, desc="coco-object maps", unit="map"):
         source = folder / spec.labels.format(id=sample_id)
-        with Image.open(source) as label:
-            converted = spec.convert(np.asarray(label))
-        Image.fromarray(converted).save(source.with_name(f"{sample_id}_object.png"))
+        converted = spec.convert(_read_image(source))
+        with atomic_write(source.with_name(f"{sample_id}_object.png")) as scratch:
+            Image.fromarray(converted).save(scratch, format="PNG")
     return len(ids)

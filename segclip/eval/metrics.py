@@ -1,4 +1,4 @@
-"""Dataset-level segmentation metrics from one confusion matrix (METHOD.md section 6).
+"""Dataset-level segmentation metrics from one confusion matrix (docs/method.md section 6).
 
 Intersections and unions are summed over the whole split before dividing, so
 large images weigh more than small ones, as the standard protocol does.

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from segclip.config import ProtocolName
+
 
 @dataclass(frozen=True)
-class Protocol:
+class EvalProtocol:
+    """How zero-shot segmentation is measured: resize, windows, prompts, prior, threshold."""
+
     name: str
     version: int
     short_side: int  # images are resized so that their short side is this
@@ -26,10 +30,10 @@ class Protocol:
         return asdict(self)
 
 
-# METHOD.md section 6 [ref]; the demo threshold is ours (a benchmark of simple shapes).
+# docs/method.md section 6 [ref]; the demo threshold is ours (a benchmark of simple shapes).
 _SEGCLIP_THRESHOLDS = {"voc": 0.80, "context": 0.25, "coco_object": 0.65, "demo": 0.5}
 
-SEGCLIP = Protocol(
+SEGCLIP = EvalProtocol(
     name="segclip",
     version=1,
     short_side=224,
@@ -40,7 +44,7 @@ SEGCLIP = Protocol(
     affinity_scale=100.0,  # [ref]; OpenAI CLIP's learned logit scale, which SegCLIP keeps
     background_thresholds=_SEGCLIP_THRESHOLDS,
 )
-PROTOCOLS: dict[str, Protocol] = {
+PROTOCOLS: dict[ProtocolName, EvalProtocol] = {
     "segclip": SEGCLIP,
     # The larger-input variant common in later papers (TCL, GroupViT evaluations).
     "tcl448": replace(SEGCLIP, name="tcl448", short_side=448, window=448),

@@ -1,4 +1,4 @@
-"""Sliding-window zero-shot segmentation with SegCLIP's centers (METHOD.md section 6).
+"""Sliding-window zero-shot segmentation with SegCLIP's centers (docs/method.md section 6).
 
 Per window, one vision pass gives both the center embeddings and the image
 embedding (for the class prior), and windows are encoded in batches.
@@ -6,6 +6,7 @@ embedding (for the class prior), and windows are encoded in batches.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from segclip.data.transforms import normalize_images
-from segclip.eval.protocol import Protocol
+from segclip.eval.protocol import EvalProtocol
 from segclip.model import CaptionTokenizer, ImageEncoding, SegCLIP, VisionMode
 
 
@@ -41,7 +42,8 @@ def class_text_embeddings(
     """(K, E): per class, the L2-normalised mean of its unnormalised prompt embeddings."""
     tokenizer = CaptionTokenizer(model.config)
     prompts = [template.format(name) for name in class_names for template in templates]
-    embeddings = model.encode_text(tokenizer(prompts)).reshape(len(class_names), len(templates), -1)
+    tokens = tokenizer(prompts).to(model.clip.logit_scale.device)
+    embeddings = model.encode_text(tokens).reshape(len(class_names), len(templates), -1)
     return F.normalize(embeddings.mean(dim=1), dim=-1)
 
 
@@ -83,21 +85,30 @@ class Segmenter:
         self,
         model: SegCLIP,
         class_names: Sequence[str],
-        protocol: Protocol,
+        protocol: EvalProtocol,
         background_threshold: float | None,
+        *,
         window_batch: int = 16,
         bf16: bool = False,
+        device: torch.device | str = "cpu",
         labeller: CenterLabeller | None = None,
     ) -> None:
-        self.model = model.eval()
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
         self.protocol = protocol
         self.background_threshold = background_threshold
         self.window_batch = window_batch
         self.bf16 = bf16
-        self.text = class_text_embeddings(model, class_names, protocol.templates)
+        self.text = class_text_embeddings(self.model, class_names, protocol.templates)
         learned = protocol.affinity_scale is None
         self.affinity_scale = model.logit_scale().item() if learned else protocol.affinity_scale
         self.labeller = labeller or self._text_affinity
+
+    def with_labeller(self, labeller: CenterLabeller) -> Segmenter:
+        """The same model, classes and protocol, with another way to label the centers."""
+        twin = copy.copy(self)
+        twin.labeller = labeller
+        return twin
 
     def _text_affinity(self, encoding: ImageEncoding, text: torch.Tensor) -> torch.Tensor:
         return center_class_affinity(
@@ -112,7 +123,8 @@ class Segmenter:
     def scores(self, image: np.ndarray) -> torch.Tensor:
         """RGB uint8 (H, W, 3) -> class scores (K, H, W), windows averaged where they overlap."""
         height, width = image.shape[:2]
-        resized = resize_short_side(normalize_images(image[None])[0], self.protocol.short_side)
+        normalized = normalize_images(image[None])[0].to(self.device)
+        resized = resize_short_side(normalized, self.protocol.short_side)
         rows, cols = resized.shape[-2:]
         win_h, win_w = min(self.protocol.window, rows), min(self.protocol.window, cols)
         boxes = [
@@ -120,8 +132,8 @@ class Segmenter:
             for top in window_starts(rows, win_h, self.protocol.stride)
             for left in window_starts(cols, win_w, self.protocol.stride)
         ]
-        total = torch.zeros(len(self.text), rows, cols)
-        count = torch.zeros(1, rows, cols)
+        total = torch.zeros(len(self.text), rows, cols, device=self.device)
+        count = torch.zeros(1, rows, cols, device=self.device)
         for start in range(0, len(boxes), self.window_batch):
             chunk = boxes[start : start + self.window_batch]
             crops = torch.stack([resized[:, y : y + win_h, x : x + win_w] for y, x in chunk])
@@ -129,11 +141,12 @@ class Segmenter:
                 total[:, top : top + win_h, left : left + win_w] += window_scores
                 count[:, top : top + win_h, left : left + win_w] += 1
         scores = total / count
-        return F.interpolate(scores[None], (height, width), mode="bilinear", align_corners=False)[0]
+        full = F.interpolate(scores[None], (height, width), mode="bilinear", align_corners=False)
+        return full[0].cpu()
 
     def _window_scores(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) -> (B, K, h, w): each pixel takes the affinity row of its argmax center."""
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             encoding = self.model.encode_image(crops, VisionMode.INFER)
         affinity = self.labeller(encoding, self.text)  # (B, G, K)
         batch, groups = affinity.shape[:2]

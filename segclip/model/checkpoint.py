@@ -18,16 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from segclip.config import ModelConfig, available_profiles, load_config
-from segclip.io import atomic_path
 from segclip.model.segclip import SegCLIP, build_model
+from segclip.storage import atomic_write, local_copy, location
 
 FORMAT_NAME = "segclip"
 FORMAT_VERSION = "1"
 
 
 def save_checkpoint(model: SegCLIP, path: str | Path) -> Path:
-    """Write weights and model config to one .safetensors file, atomically."""
-    path = Path(path)
+    """Write weights and model config to one .safetensors file (a path or URL), atomically."""
+    path = location(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
@@ -36,7 +36,7 @@ def save_checkpoint(model: SegCLIP, path: str | Path) -> Path:
         "format_version": FORMAT_VERSION,
         "model_config": model.config.model_dump_json(),
     }
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
 
@@ -172,19 +172,21 @@ _CHECKPOINT_LOADERS: dict[str, Callable[[Path], SegCLIP]] = {
 
 
 def load_model(source: str | Path) -> SegCLIP:
-    """A model from our checkpoint, the released checkpoint, or a profile name."""
-    path = Path(source)
-    if path.is_file():
-        loader = _CHECKPOINT_LOADERS.get(path.suffix)
-        if loader is None:
-            raise ValueError(
-                f"cannot tell the format of {path}: use a .safetensors file from "
-                "segclip.model.save_checkpoint or the released .bin "
-                f"(known suffixes: {sorted(_CHECKPOINT_LOADERS)})"
-            )
-        return loader(path)
+    """A model from our checkpoint or the released one (a path or any fsspec URL), or from a
+    profile name."""
     if str(source) in available_profiles():
         return build_model(load_config(str(source)).model)
-    raise FileNotFoundError(
-        f"{source} is neither a checkpoint file nor a profile; profiles: {available_profiles()}"
-    )
+    path = location(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{source} is neither a checkpoint file nor a profile; profiles: {available_profiles()}"
+        )
+    loader = _CHECKPOINT_LOADERS.get(path.suffix)
+    if loader is None:
+        raise ValueError(
+            f"cannot tell the format of {path}: use a .safetensors file from "
+            "segclip.model.save_checkpoint or the released .bin "
+            f"(known suffixes: {sorted(_CHECKPOINT_LOADERS)})"
+        )
+    with local_copy(path) as local:
+        return loader(local)

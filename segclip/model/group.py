@@ -1,4 +1,4 @@
-"""The semantic group module: learnable centers that aggregate patch tokens (METHOD.md 2.3)."""
+"""The semantic group module: learnable centers that aggregate patch tokens (docs/method.md 2.3)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class GroupAssignment:
 class SemanticGroup(nn.Module):
     """Learnable centers that cross-attend to the patches, take each patch, and pool it.
 
-    Choices METHOD.md leaves open, fixed here: `ln_tokens` is the one LayerNorm
+    Choices docs/method.md leaves open, fixed here: `ln_tokens` is the one LayerNorm
     shared by the key and value paths, `ln_query` gives Q after the cross-attention
     blocks, and the output MLP has no residual connection [ref].
     """

@@ -1,4 +1,4 @@
-"""Which parameters train, at which learning rate, with which weight decay (METHOD.md 5).
+"""Which parameters train, at which learning rate, with which weight decay (docs/method.md 5).
 
 Three roles: `frozen` (patch/position/token embeddings, ln_pre), `new` (modules
 SegCLIP adds plus the vision blocks after the group module, ln_post and proj:

@@ -1,4 +1,4 @@
-"""Masked reconstruction: centers back onto visible patches, then an MAE decoder (METHOD.md 3)."""
+"""Masked reconstruction: centers back onto visible patches, an MAE decoder (docs/method.md 3)."""
 
 from __future__ import annotations
 

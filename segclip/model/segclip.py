@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cache
 
 import open_clip
 import torch
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from segclip.clip_architecture import MODEL_CONFIG_DIR
 from segclip.config import ModelConfig
-from segclip.model.architecture import register_model_configs
 from segclip.model.group import GroupAssignment, SemanticGroup
 from segclip.model.reconstruction import MaskedReconstruction, patchify
 
@@ -56,7 +57,7 @@ class TrainOutputs:
     image_features: torch.Tensor  # (B, E), L2-normalised
     text_features: torch.Tensor  # (B, E), L2-normalised
     logit_scale: torch.Tensor  # scalar, exp(s) clamped to 100
-    hard_assign: torch.Tensor  # (B, N, G) full-image straight-through assignment
+    patch_assign: torch.Tensor  # (B, N, G): per patch, the full pass's straight-through center
     reconstruction: torch.Tensor  # (B, N, p*p*3) predicted pixels
     target: torch.Tensor  # (B, N, p*p*3) CLIP-normalised input pixels
     masked: torch.Tensor  # (B, N) bool, True where the masked pass hid the patch
@@ -215,11 +216,17 @@ class SegCLIP(nn.Module):
             image_features=F.normalize(full.embedding, dim=-1),
             text_features=F.normalize(self.encode_text(tokens), dim=-1),
             logit_scale=self.logit_scale(),
-            hard_assign=full.hard_assign.transpose(1, 2),
+            patch_assign=full.hard_assign.transpose(1, 2),
             reconstruction=pixels,
             target=patchify(images, self.patch_size),
             masked=masked,
         )
+
+
+@cache
+def register_model_configs() -> None:
+    """Make the package's JSON architectures (e.g. `segclip-tiny`) known to open_clip."""
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def build_model(config: ModelConfig) -> SegCLIP:

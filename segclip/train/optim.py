@@ -1,4 +1,4 @@
-"""AdamW over the recipe's parameter groups and the warmup + cosine schedule (METHOD.md 5)."""
+"""AdamW over the recipe's parameter groups and the warmup + cosine schedule (docs/method.md 5)."""
 
 from __future__ import annotations
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import torch
 from torch import nn
 
 from segclip.config import LossConfig, TrainConfig
+from segclip.data.batch import Batch
 from segclip.losses import LossTerms, segclip_loss
 from segclip.model import SegCLIP
 
@@ -17,29 +18,6 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # (B, 3, H, W) CLIP-normalised
-    tokens: torch.Tensor  # (B, L) caption token ids
-    superpixels: torch.Tensor  # (B, N) superpixel id of each patch
-
-    def select(self, index: torch.Tensor) -> Batch:
-        """The samples at `index` (a subset or a reordering)."""
-        return Batch(*(t[index] for t in vars(self).values()))
-
-    def chunks(self, count: int) -> list[Batch]:
-        """`count` consecutive micro-batches of equal size."""
-        if len(self.images) % count:
-            raise ValueError(
-                f"a batch of {len(self.images)} does not split into {count} equal parts"
-            )
-        split = (t.chunk(count) for t in vars(self).values())
-        return [Batch(*parts) for parts in zip(*split, strict=True)]
-
-    def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in vars(self).values()))
 
 
 class TrainStep:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipelines import evaluate
-from segclip.config import load_config
+from segclip.config import ConfigError, load_config
 from segclip.eval.datasets import get_benchmark, read_samples
 from segclip.eval.metrics import ConfusionMatrix
+from segclip.manifest import file_ref
 from segclip.model import build_model, save_checkpoint
 from segclip.tracking import RUN_ID_FILE, tracking_client
 
@@ -36,7 +37,7 @@ def configure(tmp_path, *overrides):
     )
 
 
-def test_demo_benchmark_results_are_written_and_tracked(tmp_path, checkpoint, capsys):
+def test_demo_benchmark_results_are_written_and_tracked(tmp_path, checkpoint):
     config = configure(
         tmp_path,
         "eval.benchmarks=[demo, voc20]",
@@ -46,7 +47,7 @@ def test_demo_benchmark_results_are_written_and_tracked(tmp_path, checkpoint, ca
     # voc20 reads the same VOC layout as the demo benchmark: point it at a copy of the demo's.
     demo_folder = get_benchmark("demo").locate(config)
     shutil.copytree(demo_folder, tmp_path / "data/VOCdevkit/VOC2012")
-    result = evaluate.run(config, [evaluate.checkpoint_ref(checkpoint)])
+    result = evaluate.run(config, [file_ref(checkpoint)])
     results = evaluate.read_results(result)
     assert set(results) == {"demo", "voc20"} and results["demo"]["images"] == 6
     for name in results:
@@ -69,7 +70,7 @@ def test_demo_benchmark_results_are_written_and_tracked(tmp_path, checkpoint, ca
     assert baselines["all_background"]["miou"] == pytest.approx(background / labelled / present)
     assert set(results["voc20"]["baselines"]) == {"random_centers"}
     assert 0 <= baselines["random_centers"]["miou"] <= 1
-    printed = capsys.readouterr().out
+    printed = evaluate.report(result)
     assert "protocol segclip v1" in printed and "| demo | model | 6 |" in printed
     assert "| demo | baseline: random_centers | 6 |" in printed
     client = tracking_client(config)
@@ -83,7 +84,7 @@ def test_demo_benchmark_results_are_written_and_tracked(tmp_path, checkpoint, ca
     )
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"demo", "voc20", "results.json", "protocol.json", "manifest.json"} <= artifacts
-    assert evaluate.run(config, [evaluate.checkpoint_ref(checkpoint)]).skipped
+    assert evaluate.run(config, [file_ref(checkpoint)]).skipped
 
 
 def test_a_missing_dataset_fails_before_any_model_work(tmp_path, checkpoint):
@@ -94,12 +95,10 @@ def test_a_missing_dataset_fails_before_any_model_work(tmp_path, checkpoint):
         FileNotFoundError,
         match=r"benchmark 'context': expected its dataset folder at .*none/VOCdevkit/VOC2010",
     ):
-        evaluate.run(config, [evaluate.checkpoint_ref(checkpoint)])
+        evaluate.run(config, [file_ref(checkpoint)])
     assert not (tmp_path / "evaluate").exists()
-    with pytest.raises(Exception, match=r"unknown benchmark 'vocc'"):
-        evaluate.run(
-            configure(tmp_path, "eval.benchmarks=[vocc]"), [evaluate.checkpoint_ref(checkpoint)]
-        )
+    with pytest.raises(ConfigError, match=r"eval\.benchmarks\.0: Input should be 'voc'"):
+        configure(tmp_path, "eval.benchmarks=[vocc]")
 
 
 def test_ray_data_actors_give_the_same_confusion_as_the_local_loop(tmp_path, checkpoint):
@@ -109,7 +108,7 @@ def test_ray_data_actors_give_the_same_confusion_as_the_local_loop(tmp_path, che
 
     connect(None)
     address = ray.get_runtime_context().gcs_address
-    ref = evaluate.checkpoint_ref(checkpoint)
+    ref = file_ref(checkpoint)
     local_config = configure(tmp_path / "local", "eval.benchmarks=[demo]")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each actor: same float rounding, so the same labels

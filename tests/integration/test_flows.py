@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.stages import STAGES
+from pipelines.registry import STAGE_NAMES
+from pipelines.train_worker import RESUMED
 from segclip.config import load_config
-from segclip.stage import read_manifest
+from segclip.manifest import read_result
 from segclip.tracking import RUN_ID_FILE, tracking_client
-from segclip.train.loop import RESUMED
 
 pytestmark = pytest.mark.slow
 
@@ -36,21 +36,19 @@ TINY_RUN = [
 
 SCENARIO = """
 import json, sys
-from flows.stages import pipeline_flow, superpixels_flow
-from segclip.config import load_config
-from segclip.stage import read_manifest
+from flows.pipeline import pipeline_flow, stage_flow
+from segclip.manifest import read_result
 
-config = load_config("tiny", sys.argv[1:])
-created = lambda outputs: {s: read_manifest(f).created_at for s, f in outputs.items()}
-first = pipeline_flow(config)
+overrides = sys.argv[1:]
+created = lambda outputs: {s: read_result(f).manifest.created_at for s, f in outputs.items()}
+first = pipeline_flow("tiny", overrides)
 report = {"first": first, "first_created": created(first)}
-report["again"] = pipeline_flow(config)
+report["again"] = pipeline_flow("tiny", overrides)
 report["again_created"] = created(report["again"])
-train = config.train.model_copy(update={"lr_new": 5e-4})
-report["changed"] = pipeline_flow(config.model_copy(update={"train": train}))
-report["forced"] = pipeline_flow(config, force=["superpixels"])
+report["changed"] = pipeline_flow("tiny", [*overrides, "train.lr_new=5e-4"])
+report["forced"] = pipeline_flow("tiny", overrides, force=["superpixels"])
 report["forced_created"] = created(report["forced"])
-report["alone"] = superpixels_flow(config)
+report["alone"] = stage_flow("superpixels", "tiny", overrides)
 print("REPORT " + json.dumps(report))
 """
 
@@ -67,7 +65,7 @@ def test_pipeline_reuses_finished_stages_and_reruns_what_a_change_touches(tmp_pa
     first = report["first"]
     assert list(first) == ["ingest", "superpixels", "train", "evaluate"]
     for stage, folder in first.items():
-        assert read_manifest(folder).stage == stage and Path(folder).parent.name == stage
+        assert read_result(folder).manifest.stage == stage and Path(folder).parent.name == stage
     assert report["again_created"] == report["first_created"]  # everything reused
     changed = report["changed"]  # a training setting: train and evaluate rerun, data reused
     assert changed["ingest"] == first["ingest"] and changed["superpixels"] == first["superpixels"]
@@ -101,7 +99,7 @@ def check_lineage(config, report):
             for r in runs
             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
         }
-        assert list(children) == list(STAGES)
+        assert list(children) == list(STAGE_NAMES)
         outputs = report[name]
         for stage, child in children.items():
             folder = str(outputs[stage])
@@ -131,7 +129,12 @@ def check_lineage(config, report):
         )
         for p in parents
     ]
-    assert ran == [sorted(STAGES), [], ["evaluate", "train"], ["evaluate", "superpixels", "train"]]
+    assert ran == [
+        sorted(STAGE_NAMES),
+        [],
+        ["evaluate", "train"],
+        ["evaluate", "superpixels", "train"],
+    ]
 
 
 def segclip_run(workdir: Path, log: Path, *overrides: str) -> subprocess.Popen:
@@ -155,7 +158,7 @@ def test_an_interrupted_run_resumes_training_from_its_last_checkpoint(tmp_path):
     first.send_signal(signal.SIGINT)  # what Ctrl-C sends
     assert first.wait(timeout=120) != 0
     [train_dir] = workdir.glob("train/*")
-    assert read_manifest(train_dir) is None, tail(tmp_path / "first.log")  # unfinished
+    assert read_result(train_dir) is None, tail(tmp_path / "first.log")  # unfinished
     run_id = (train_dir / RUN_ID_FILE).read_text()
 
     second = segclip_run(workdir, tmp_path / "second.log", *long_training)
@@ -163,7 +166,7 @@ def test_an_interrupted_run_resumes_training_from_its_last_checkpoint(tmp_path):
     output = (tmp_path / "second.log").read_text()
     resumed_at = int(output.split(RESUMED, 1)[1].split()[0])
     assert 5 <= resumed_at < 150 and resumed_at % 5 == 0
-    assert read_manifest(train_dir).counts["steps"] == 150
+    assert read_result(train_dir).manifest.counts["steps"] == 150
     assert (train_dir / RUN_ID_FILE).read_text() == run_id  # one MLflow run for the stage
     client = tracking_client(load_config("tiny", [f"runtime.workdir={workdir}", *TINY_RUN]))
     history = client.get_metric_history(run_id, "loss/total")
@@ -182,11 +185,79 @@ def tail(log: Path) -> str:
 
 
 def test_a_stage_alone_names_the_missing_upstream_output(tmp_path):
-    from flows.stages import upstream_inputs
+    from pipelines.registry import get_stage, upstream_inputs
 
     config = load_config("tiny", [f"runtime.workdir={tmp_path}", *TINY_RUN])
     # The earliest stage that has not finished is the one named.
     with pytest.raises(
         FileNotFoundError, match=r"superpixels needs the ingest output .* run `segclip ingest`"
     ):
-        upstream_inputs("train", config)
+        upstream_inputs(get_stage("train"), config)
+
+
+FAILING = """
+import json, sys
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from flows.pipeline import pipeline_flow
+
+def task_runs(state):
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return {t.name.split("-")[0]: t.run_count for t in client.read_task_runs(flow_run_filter=flow_run)}
+
+overrides = sys.argv[1:]
+missing = pipeline_flow("tiny", [*overrides, "eval.benchmarks=[voc]", "eval.data_root=/nowhere"],
+                        return_state=True)
+crashed = pipeline_flow("tiny", [*overrides, "runtime.inject_failure_at_step=2",
+                                 "runtime.max_failures=0"], return_state=True)
+report = {
+    "missing": [missing.type.value, missing.message, task_runs(missing)],
+    "crashed": [crashed.type.value, crashed.message, task_runs(crashed)],
+}
+print("REPORT " + json.dumps(report))
+"""
+
+
+def test_a_failing_stage_fails_its_run_and_the_pipeline_and_permanent_errors_are_not_retried(
+    tmp_path,
+):
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING, f"runtime.workdir={tmp_path}", *TINY_RUN],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.split("REPORT ", 1)[1])
+    state, message, runs = report["missing"]
+    assert state == "FAILED" and "VOCdevkit/VOC2012" in message
+    assert runs["evaluate"] == 1  # a missing dataset is not retried (evaluate has retries=2)
+    state, message, runs = report["crashed"]
+    assert state == "FAILED" and "injected failure at step 2" in message
+
+    client = tracking_client(load_config("tiny", [f"runtime.workdir={tmp_path}", *TINY_RUN]))
+    experiment = client.get_experiment_by_name("segclip").experiment_id
+    runs = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.data.tags["segclip.stage"] == "pipeline"]
+    assert [p.info.status for p in parents] == ["FAILED", "FAILED"]
+    crashed_children = {
+        r.data.tags["segclip.stage"]: r.info.status
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id
+    }
+    assert crashed_children["train"] == "FAILED"
+
+
+def test_the_cli_exits_2_naming_what_is_missing_for_a_stage_that_cannot_run(tmp_path):
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "flows.cli", "train", "--profile", "tiny"),
+            *(f"runtime.workdir={tmp_path}", *TINY_RUN),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "segclip train: train needs the superpixels output" in done.stderr

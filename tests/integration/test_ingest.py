@@ -41,7 +41,7 @@ def free_port():
 
 def read_shards(result):
     samples = []
-    for path in result.shard_paths:
+    for path in result.shard_urls:
         samples += list(wds.WebDataset(path, shardshuffle=False).decode("pil"))
     return samples
 
@@ -79,8 +79,9 @@ def test_url_list_counts_each_failure_by_reason_and_keeps_going(tmp_path, served
     for sample in samples:
         assert min(sample["jpg"].size) == 32  # keep_ratio: short side = image_size
         assert sample["json"]["caption"] == sample["txt"]
-    assert manifest.inputs[0].path == str((tmp_path / "list.parquet").resolve())
-    assert ingest.output_dir(config) == result.output_dir  # found again from the config alone
+    assert manifest.inputs[0].url == str((tmp_path / "list.parquet").resolve())
+    found = ingest.STAGE.output_dir(config, ingest.STAGE.resolve_inputs(config, []))
+    assert found == result.output_dir  # found again from the config alone
     assert ingest.run(config).skipped
 
 
@@ -151,7 +152,7 @@ def test_existing_shards_are_validated_and_adopted_in_place(tmp_path):
     with wds.TarWriter(str(folder / "a-001.tar")) as sink:
         sink.write({"__key__": "s3", "png": image, "txt": "red too"})
     result = ingest.run(config_for(tmp_path, "ingest.source=shards", f"ingest.path={folder}"))
-    assert result.shard_paths == [str(folder / "a-000.tar"), str(folder / "a-001.tar")]
+    assert result.shard_urls == [str(folder / "a-000.tar"), str(folder / "a-001.tar")]
     assert [s.samples for s in result.manifest.shards] == [1, 1]
     assert result.manifest.failures == {"missing_caption": 1, "missing_image": 1}
     assert not list(result.output_dir.glob("**/*.tar"))  # nothing copied

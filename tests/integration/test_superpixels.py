@@ -83,7 +83,7 @@ def test_label_maps_equal_scikit_image_and_every_member_is_kept(tmp_path, mirror
         ("cut", "undecodable_image"),
     ]
     assert [s.samples for s in manifest.shards] == [4, 4, 4]
-    for before_path, after_path in zip(source.shard_paths, result.shard_paths, strict=True):
+    for before_path, after_path in zip(source.shard_urls, result.shard_urls, strict=True):
         before, after = read(before_path), read(after_path)
         assert set(after) == set(before) - {"broken", "cut"}
         for key, sample in after.items():
@@ -102,7 +102,7 @@ def test_rerun_skips_finished_shards_and_config_changes_get_a_new_folder(
     config = configs(tmp_path, mirror)
     upstream = [ingest.run(config).ref]
     first = superpixels.run(config, upstream)
-    assert superpixels.output_dir(config, upstream) == first.output_dir
+    assert superpixels.STAGE.output_dir(config, upstream) == first.output_dir
     assert superpixels.run(config, upstream).skipped
     # Interrupted after two shards: the third shard's report and the manifest are missing.
     (first.output_dir / "manifest.json").unlink()
@@ -127,9 +127,9 @@ def test_runs_against_a_ray_cluster_address(tmp_path, mirror, local_ray):
         "import segclip, sys\n"
         "from pipelines import superpixels\n"
         "from segclip.config import load_config\n"
-        "from segclip.stage import InputRef\n"
+        "from segclip.manifest import DataRef\n"
         "config = load_config('tiny', sys.argv[2:])\n"
-        "result = superpixels.run(config, [InputRef.model_validate_json(sys.argv[1])])\n"
+        "result = superpixels.run(config, [DataRef.model_validate_json(sys.argv[1])])\n"
         "import ray; print(ray.get_runtime_context().gcs_address, result.manifest.counts['samples'])\n"
     )
     overrides = [

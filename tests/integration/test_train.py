@@ -44,7 +44,7 @@ def test_a_short_run_learns_and_is_tracked_in_mlflow(workdir, labels, capfd):
     config = configure(workdir, "train.steps=16", "runtime.checkpoint_every=8")
     result = train.run(config, [labels])
     assert result.manifest.counts == {"steps": 16, "world_size": 2, "global_batch": 16}
-    model = load_checkpoint(train.final_model(result))
+    model = load_checkpoint(result.file("model"))
     assert model.config == config.model
     client, run_id, losses = history(config, result)
     assert [m.step for m in losses] == list(range(2, 17, 2))

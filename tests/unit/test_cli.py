@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from segclip.cli import main
@@ -88,3 +89,15 @@ def test_pipeline_cli_lists_every_stage_and_reports_status_without_running(tmp_p
     assert lines[0].startswith("ingest") and "not run" in lines[0]
     assert all("waiting for the stage before it" in line for line in lines[1:]) and len(lines) == 4
     assert not list(tmp_path.iterdir())  # status creates nothing
+
+
+def test_predict_refuses_an_empty_vocabulary_and_an_unknown_protocol(tmp_path, capsys):
+    image = tmp_path / "x.png"
+    base = ["predict", "--checkpoint", "tiny", "--output", str(tmp_path / "out"), str(image)]
+    assert main([*base, "--classes", " , ,"]) == 2
+    assert "--classes must name at least one class" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main([*base, "--classes", "cat", "--protocol", "segclip9"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'segclip9'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ from PIL import Image
 from segclip.data.voc import IGNORE_INDEX, voc_palette
 from segclip.eval.datasets import BENCHMARKS, read_samples, sample_ids
 from segclip.eval.metrics import ConfusionMatrix
-from segclip.eval.protocol import PROTOCOLS, Protocol
+from segclip.eval.protocol import PROTOCOLS, EvalProtocol
 from segclip.eval.segment import (
     Segmenter,
     apply_background,
@@ -72,7 +72,7 @@ class CopyWindows(Segmenter):
 
 
 def test_sliding_windows_cover_every_pixel_once_per_window_and_average_overlaps(tiny_model):
-    protocol = Protocol(
+    protocol = EvalProtocol(
         "test", 1, short_side=37, window=16, stride=10, templates=("{}",), prior_top_k=5
     )
     segmenter = CopyWindows(tiny_model, ["a", "b"], protocol, None, window_batch=4)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from segclip.data.transforms import normalize_images
-from segclip.eval.evaluate import BenchmarkResult
 from segclip.eval.metrics import ConfusionMatrix
 from segclip.eval.predict import predict_images
 from segclip.eval.protocol import PROTOCOLS
+from segclip.eval.scoring import BenchmarkResult
 from segclip.eval.segment import Segmenter, center_class_affinity
 from segclip.model import VisionMode, save_checkpoint
 
@@ -65,7 +65,9 @@ def test_predict_labels_background_below_min_of_threshold_and_best_score(tiny_mo
 
     def predicted(threshold):
         out = tmp_path / f"out_{threshold}"
-        ((label_png, _),) = predict_images(checkpoint, CLASSES, [image], out, threshold)
+        ((label_png, _),) = predict_images(
+            checkpoint, CLASSES, [image], out, background_threshold=threshold
+        )
         return np.asarray(Image.open(label_png))
 
     # No threshold: class k is label k, no shift for a background label.

@@ -105,7 +105,7 @@ def test_combined_loss_weights_each_term():
         image_features=torch.nn.functional.normalize(torch.randn(1, 4), dim=-1),
         text_features=torch.nn.functional.normalize(torch.randn(1, 4), dim=-1),
         logit_scale=torch.tensor(10.0),
-        hard_assign=ASSIGN,
+        patch_assign=ASSIGN,
         reconstruction=torch.zeros(1, 3, 2),
         target=torch.ones(1, 3, 2),
         masked=torch.tensor([[True, False, True]]),

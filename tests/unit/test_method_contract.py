@@ -81,7 +81,7 @@ def _hand_outputs(seed: int = 0) -> TrainOutputs:
         image_features=unit(batch, embed),
         text_features=unit(batch, embed),
         logit_scale=torch.tensor(10.0),
-        hard_assign=torch.nn.functional.one_hot(chosen, centers).float(),
+        patch_assign=torch.nn.functional.one_hot(chosen, centers).float(),
         reconstruction=torch.randn(batch, patches, pixels, generator=generator),
         target=torch.randn(batch, patches, pixels, generator=generator),
         masked=torch.tensor([[True, False, True, True, False, False]] * batch),
@@ -102,9 +102,9 @@ def _hand_reconstruction(out: TrainOutputs) -> torch.Tensor:
 
 def test_kl_form_selects_the_plain_or_the_reference_kl_and_weights_scale_each_term():
     out = _hand_outputs()
-    pseudo = _hand_pseudo_labels(out.hard_assign, SUPERPIXELS)
-    plain = _hand_kl(pseudo, out.hard_assign, "plain")
-    reference = _hand_kl(pseudo, out.hard_assign, "reference")
+    pseudo = _hand_pseudo_labels(out.patch_assign, SUPERPIXELS)
+    plain = _hand_kl(pseudo, out.patch_assign, "plain")
+    reference = _hand_kl(pseudo, out.patch_assign, "reference")
     assert abs(plain.item() - reference.item()) > 1e-3  # the two forms are told apart
 
     weights = {"contrastive_weight": 0.5, "superpixel_kl_weight": 2.0, "reconstruction_weight": 3.0}

@@ -101,7 +101,7 @@ def test_training_step_reaches_every_trainable_part(tiny_model, tiny_images, tin
     tokens = CaptionTokenizer(tiny_config.model)(["a photo"] * tiny_images.shape[0])
     out = tiny_model(tiny_images, tokens)
     num_patches = tiny_model.grid[0] * tiny_model.grid[1]
-    assert out.hard_assign.shape == (3, num_patches, tiny_model.group.num_centers)
+    assert out.patch_assign.shape == (3, num_patches, tiny_model.group.num_centers)
     assert out.reconstruction.shape == out.target.shape == (3, num_patches, 16 * 16 * 3)
     assert out.masked.sum(dim=1).tolist() == [num_patches - tiny_model.num_visible_patches] * 3
     superpixels = torch.arange(num_patches).div(8, rounding_mode="floor").expand(3, -1)
@@ -172,7 +172,7 @@ def test_accumulated_micro_batches_take_one_optimiser_step(tiny_model, tiny_conf
 def test_training_state_round_trip_and_incomplete_folders(tiny_model, tiny_config, tmp_path):
     from segclip.model import build_model
     from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
-    from segclip.train.loop import (
+    from segclip.train.state import (
         MODEL_FILE,
         STATE_FILE,
         load_training_state,

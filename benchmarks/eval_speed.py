@@ -5,8 +5,8 @@ center embeddings and the image embedding for the prior). Naive: one window at a
 time, batch 1, and a second encoder pass per window for the image embedding.
 Both produce the same labels (checked), on 500x375 images, CPU, fp32.
 
-    python benchmarks/evaluate.py                     # paper and tiny
-    python benchmarks/evaluate.py --profiles tiny --images 4
+    python benchmarks/eval_speed.py                     # paper and tiny
+    python benchmarks/eval_speed.py --profiles tiny --images 4
 """
 
 from __future__ import annotations

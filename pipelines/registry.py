@@ -1,0 +1,62 @@
+"""The pipeline's stages in order: the one list that the flows, the CLI and `status` read.
+
+Adding a stage is one entry here (and its module). Each stage reads the output of
+the stage named by its `reads`, so a stage run alone finds its input from the
+config by walking back through this list.
+"""
+
+from __future__ import annotations
+
+from pipelines import evaluate, ingest, superpixels, train
+from segclip.config import SegCLIPConfig
+from segclip.manifest import DataRef, read_result
+from segclip.stage import Stage
+
+STAGES: tuple[Stage, ...] = (ingest.STAGE, superpixels.STAGE, train.STAGE, evaluate.STAGE)
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+
+
+def upstream_inputs(stage: Stage, config: SegCLIPConfig) -> list[DataRef]:
+    """The finished output a stage reads, found from the config (for a stage run alone)."""
+    if stage.reads is None:
+        return []
+    previous = get_stage(stage.reads)
+    folder = previous.output_dir(
+        config, previous.resolve_inputs(config, upstream_inputs(previous, config))
+    )
+    finished = read_result(folder)
+    if finished is None:
+        raise FileNotFoundError(
+            f"{stage.name} needs the {previous.name} output for this configuration at {folder}, "
+            f"which has not finished; run `segclip {previous.name}` (or `segclip run`) with the "
+            "same settings"
+        )
+    return [finished.ref]
+
+
+def stage_status(config: SegCLIPConfig) -> list[str]:
+    """One line per stage: finished (with its counts), started, or not run; nothing is run."""
+    lines: list[str] = []
+    upstream: list[DataRef] | None = []
+    for stage in STAGES:
+        if upstream is None:
+            lines.append(f"{stage.name:12s} waiting for the stage before it")
+            continue
+        folder = stage.output_dir(config, stage.resolve_inputs(config, upstream))
+        finished = read_result(folder)
+        if finished is not None:
+            counts = ", ".join(f"{k}={v}" for k, v in finished.manifest.counts.items())
+            lines.append(f"{stage.name:12s} finished  {folder}  {counts}")
+            upstream = [finished.ref]
+        else:
+            state = "started (will resume)" if folder.exists() else "not run"
+            lines.append(f"{stage.name:12s} {state}  {folder}")
+            upstream = None
+    return lines

@@ -1,0 +1,136 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Rank 0 logs metrics to MLflow every `runtime.log_every` steps and writes a
+checkpoint every `runtime.checkpoint_every` steps through `ray.train.report`,
+which every rank calls together. A restarted worker group (after a crash, or a
+rerun of an interrupted stage) resumes from the latest reported checkpoint, or,
+when none was recorded, from the stage's newest complete checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.ray_runtime import use_reserved_cpus
+from segclip.config import SegCLIPConfig
+from segclip.data.loader import training_loader
+from segclip.model import build_model
+from segclip.storage import location
+from segclip.tracking import log_metrics
+from segclip.train import TrainStep, build_optimizer, build_scheduler
+from segclip.train.metric_window import MetricWindow, progress_line
+from segclip.train.plan import TrainPlan
+from segclip.train.state import load_training_state, save_training_state
+
+RESUMED = "training resumed at step"  # printed by rank 0, followed by the step and the total
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerPayload:
+    """Everything a worker needs; Ray pickles it to each rank as it is."""
+
+    config: SegCLIPConfig
+    plan: TrainPlan
+    shards: list[str]  # superpixel shard URLs
+    run_id: str | None = None  # the MLflow run rank 0 logs to
+    tracking_uri: str | None = None  # resolved by the driver: workers have another cwd
+    start_from: str | None = None  # final state of a shorter run this one extends
+    failure_marker: str | None = None  # set once an injected failure has happened
+
+
+def _build(config: SegCLIPConfig, plan: TrainPlan, device: torch.device) -> TrainStep:
+    model = build_model(config.model)
+    optimizer = build_optimizer(model, config.train)
+    scheduler = build_scheduler(optimizer, config.train, plan.total_steps)
+    wrapped = ray.train.torch.prepare_model(model)  # device placement and DDP
+    return TrainStep(wrapped, optimizer, scheduler, config.loss, config.train, device.type)
+
+
+def _maybe_inject_failure(payload: WorkerPayload, step: int) -> None:
+    """Testing fault tolerance: rank 0 crashes once at `runtime.inject_failure_at_step`."""
+    if payload.config.runtime.inject_failure_at_step != step or payload.failure_marker is None:
+        return
+    marker = location(payload.failure_marker)
+    if marker.exists():
+        return
+    marker.write_text(str(step))
+    raise RuntimeError(f"injected failure at step {step} (runtime.inject_failure_at_step)")
+
+
+def _start_step(payload: WorkerPayload, step_fn: TrainStep) -> int:
+    """This run's latest checkpoint after a restart, else the run it extends, else 0."""
+    total = payload.plan.total_steps
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            return load_training_state(folder, step_fn, total)
+    if payload.start_from:
+        return load_training_state(payload.start_from, step_fn, total)
+    return 0
+
+
+def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    logging.getLogger().setLevel(logging.WARNING)  # open_clip's INFO lines, once per worker
+    payload = loop_config["payload"]
+    config, plan, runtime = payload.config, payload.plan, payload.config.runtime
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    use_reserved_cpus()
+    torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
+    device = ray.train.torch.get_device()
+    step_fn = _build(config, plan, device)
+    step = _start_step(payload, step_fn)
+    if step and rank == 0:
+        print(f"{RESUMED} {step} of {plan.total_steps}", flush=True)
+
+    # Resampled shards: a restart draws a fresh stream (seeded by the step) rather than
+    # replaying the samples it has already seen.
+    batches = iter(
+        training_loader(
+            payload.shards,
+            config,
+            plan.worker_batch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=runtime.loader_workers,
+            resampled=True,
+            epoch=step,
+        )
+    )
+    client = MlflowClient(payload.tracking_uri) if rank == 0 and payload.run_id else None
+    window, metrics = MetricWindow(), {}
+    while step < plan.total_steps:
+        start = time.perf_counter()
+        batch = next(batches).to(device)
+        fetched = time.perf_counter()
+        terms = step_fn(batch, plan.micro_batches)
+        window.add(terms, fetched - start, time.perf_counter() - fetched)
+        step += 1
+        if rank == 0:
+            _maybe_inject_failure(payload, step)
+        last = step == plan.total_steps
+        if step % runtime.log_every == 0 or last:
+            metrics = window.flush(config.train.global_batch_size, step_fn.optimizer)
+            if rank == 0:  # Ray forwards worker output: this is the driver's progress line
+                print(progress_line(step, plan.total_steps, metrics), flush=True)
+            if client is not None:
+                log_metrics(client, payload.run_id, metrics, step)
+        if step % runtime.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as folder:
+                if rank == 0:
+                    save_training_state(Path(folder), step_fn, step)
+                ray.train.report(
+                    {"step": step, **metrics},
+                    checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
+                )

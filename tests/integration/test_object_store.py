@@ -1,0 +1,163 @@
+"""The tiny pipeline with its workdir on an S3-compatible store (moto, started here on 127.0.0.1):
+every stage output, checkpoint and MLflow artifact lands in the bucket, nothing in the local
+working directory, and a bad bucket, endpoint or credentials fail before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from segclip.config import load_config
+from segclip.manifest import load_result
+from segclip.storage import StorageError, check_writable, location
+from tests.integration.s3_server import CREDENTIALS, free_port, moto_server
+
+pytestmark = pytest.mark.slow
+
+BUCKET = "segclip-test"
+TINY_RUN = [
+    "demo.train_images=48",
+    "ingest.samples_per_shard=16",
+    "runtime.ingest_processes=1",
+    "train.steps=3",
+    "train.global_batch_size=8",
+    "runtime.log_every=1",
+    "runtime.checkpoint_every=2",
+    "demo.benchmark_images=4",
+    "demo.image_size=96",
+    "ingest.image_size=96",
+    "eval.benchmarks=[demo]",
+]
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    with moto_server() as url:
+        saved = {name: os.environ.get(name) for name in CREDENTIALS}
+        os.environ.update(CREDENTIALS)
+        s3fs.S3FileSystem.clear_instance_cache()  # no client of an earlier server
+        s3fs.S3FileSystem(endpoint_url=url).mkdir(BUCKET)
+        try:
+            yield url
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            s3fs.S3FileSystem.clear_instance_cache()
+
+
+def segclip(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def stage_folders(stdout: str) -> dict[str, str]:
+    """The `<stage> <folder>` lines `segclip run` ends with (training prints progress first)."""
+    pairs = (line.split() for line in stdout.splitlines())
+    stages = ("ingest", "superpixels", "train", "evaluate")
+    return {p[0]: p[1] for p in pairs if len(p) == 2 and p[0] in stages and "://" in p[1]}
+
+
+def scratch_folders() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("segclip-*")}
+
+
+def test_the_pipeline_runs_with_its_workdir_on_the_store(endpoint, tmp_path):
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    env = {**os.environ, **CREDENTIALS, "XDG_CACHE_HOME": str(cache)}
+    workdir = f"s3://{BUCKET}/work"
+    settings = [f"runtime.workdir={workdir}", f"runtime.s3_endpoint_url={endpoint}", *TINY_RUN]
+    scratch_before = scratch_folders()
+
+    first = segclip(cwd, env, "run", "--profile", "tiny", *settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folders = stage_folders(first.stdout)
+    assert list(folders) == ["ingest", "superpixels", "train", "evaluate"]
+    assert all(folder.startswith(f"{workdir}/{stage}/") for stage, folder in folders.items())
+    assert "| demo | model | 4 |" in first.stdout
+
+    config = load_config("tiny", settings)
+    results = {stage: load_result(folder) for stage, folder in folders.items()}
+    store = s3fs.S3FileSystem(endpoint_url=endpoint)
+    keys = store.find(f"{BUCKET}/work")
+    assert any(k.endswith(".tar") and "/ingest/" in k for k in keys)
+    assert any(k.endswith(".tar") and "/superpixels/" in k for k in keys)
+    assert str(results["train"].file("model")).endswith("final/model.safetensors")
+    assert results["train"].file("model").is_file()
+    assert any("/train/" in k and "/ray/checkpoint_" in k and k.endswith("state.pt") for k in keys)
+    assert json.loads(results["evaluate"].file("results").read_text())["demo"]["images"] == 4
+    artifacts = [k for k in keys if "/mlartifacts/" in k]
+    assert any(k.endswith("model.safetensors") for k in artifacts)
+    assert any(k.endswith("results.json") for k in artifacts)
+    # The default MLflow store of a workdir on a store is a local file in the cache folder.
+    assert list(cache.glob("segclip/mlflow/*/mlflow.db"))
+
+    status = segclip(cwd, env, "status", "--profile", "tiny", *settings)
+    lines = status.stdout.splitlines()
+    assert status.returncode == 0 and len(lines) == 4, status.stderr[-2000:]
+    assert all(" finished " in line for line in lines), lines
+
+    created = {stage: r.manifest.created_at for stage, r in results.items()}
+    again = segclip(cwd, env, "run", "--profile", "tiny", *settings)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert stage_folders(again.stdout) == folders
+    assert {s: load_result(f).manifest.created_at for s, f in folders.items()} == created
+
+    forced = segclip(cwd, env, "run", "--profile", "tiny", *settings, "--force", "superpixels")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    refolders = stage_folders(forced.stdout)
+    assert refolders["ingest"] == folders["ingest"]
+    assert load_result(refolders["ingest"]).manifest.created_at == created["ingest"]
+    assert refolders["superpixels"] == folders["superpixels"]  # same key, made again
+    assert load_result(refolders["superpixels"]).manifest.created_at != created["superpixels"]
+    assert refolders["train"] != folders["train"]  # a new superpixel manifest: new keys after it
+
+    assert not list(cwd.iterdir())  # nothing in the local working directory
+    assert scratch_folders() <= scratch_before  # every scratch copy was removed
+    assert config.runtime.workdir == workdir
+
+
+def test_a_wrong_bucket_fails_before_any_work_naming_the_url_and_the_fix(endpoint, monkeypatch):
+    from pipelines import ingest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    config = load_config("tiny", ["runtime.workdir=s3://no-such-bucket/work", *TINY_RUN])
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/work: the bucket does not"):
+        ingest.run(config)
+
+
+def test_an_unreachable_endpoint_fails_in_seconds(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=r"the endpoint does not answer: check runtime"):
+        check_writable(location(f"s3://{BUCKET}/work"))
+    assert time.monotonic() - start < 15
+
+
+def test_missing_credentials_are_named(endpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    with pytest.raises(StorageError, match=r"no credentials were found: set AWS_ACCESS_KEY_ID"):
+        check_writable(location(f"s3://{BUCKET}/work"))

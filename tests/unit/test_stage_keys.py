@@ -1,0 +1,75 @@
+"""Stage keys hold every setting that changes a stage's output, and nothing that does not."""
+
+import pytest
+
+from pipelines.registry import STAGES, get_stage
+from segclip.config import load_config
+from segclip.manifest import DataRef, stage_key
+
+UPSTREAM = [DataRef(url="/work/superpixels/k", digest="d")]
+
+
+def key(stage_name: str, *overrides: str) -> str:
+    stage = get_stage(stage_name)
+    config = load_config("tiny", list(overrides))
+    inputs = [] if stage.reads is None else UPSTREAM
+    return stage_key(stage.settings(config), inputs)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "runtime.train_workers=4",  # which rank reads which shards, in which order
+        "runtime.loader_workers=2",  # sample order within a rank
+        "runtime.max_worker_batch=4",  # micro-batches: the contrastive negatives
+        "train.seed=1",
+        "train.lr_new=0.5",
+        "loss.kl_form=plain",
+        "model.num_centers=4",
+        "data.patch_label=majority",
+    ],
+)
+def test_a_setting_that_changes_trained_weights_changes_the_train_key(override):
+    assert key("train", override) != key("train")
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "runtime.log_every=1",
+        "runtime.checkpoint_every=7",
+        "runtime.ray_address=10.0.0.1:6379",
+        "runtime.tracking_uri=http://127.0.0.1:5000",
+        "runtime.max_failures=0",
+        "runtime.device=cpu",
+        "eval.overlays=1",
+    ],
+)
+def test_how_a_run_is_carried_out_leaves_the_train_key_alone(override):
+    assert key("train", override) == key("train")
+
+
+@pytest.mark.parametrize(
+    ("stage", "override"),
+    [
+        ("ingest", "ingest.image_size=64"),
+        ("ingest", "demo.seed=5"),
+        ("superpixels", "data.felzenszwalb_scale=50"),
+        ("evaluate", "eval.protocol=tcl448"),
+        ("evaluate", "eval.benchmarks=[demo]"),
+        ("evaluate", "train.seed=3"),  # the random_centers baseline draws with it
+    ],
+)
+def test_each_stage_key_follows_its_own_settings(stage, override):
+    assert key(stage, override) != key(stage)
+
+
+def test_a_stage_key_ignores_what_only_later_stages_use():
+    assert key("ingest", "train.lr_new=0.5") == key("ingest")
+    assert key("superpixels", "data.crop_scale=[0.2, 1.0]") == key("superpixels")
+    assert key("superpixels", "runtime.train_workers=4") == key("superpixels")
+
+
+def test_the_registry_orders_the_four_stages_each_reading_the_one_before():
+    assert [s.name for s in STAGES] == ["ingest", "superpixels", "train", "evaluate"]
+    assert [s.reads for s in STAGES] == [None, "ingest", "superpixels", "train"]
