@@ -122,7 +122,11 @@ def bench_loader(profile: str, shards: list[str], steps: int, workers: int) -> d
     model = build_model(config.model)
     optimizer = build_optimizer(model, config.train)
     step = TrainStep(
-        model, optimizer, build_scheduler(optimizer, config.train, 1000), config.loss, config.train
+        model,
+        optimizer,
+        build_scheduler(optimizer, config.train, 1000),
+        loss_config=config.loss,
+        train_config=config.train,
     )
     loader = iter(training_loader(shards, config, LOADER_BATCH[profile], num_workers=workers))
     step(next(loader))  # warm-up: worker start-up and first allocations

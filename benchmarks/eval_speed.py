@@ -57,8 +57,8 @@ def naive_predict(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
                 centers.center_embeddings,
                 image_embedding,
                 segmenter.text,
-                protocol.prior_top_k,
-                segmenter.affinity_scale,
+                top_k=protocol.prior_top_k,
+                scale=segmenter.affinity_scale,
             )[0]
             soft = centers.soft_assign.reshape(1, -1, *centers.grid)
             owner = F.interpolate(soft, (size, size), mode="bilinear").argmax(1)[0]

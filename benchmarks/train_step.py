@@ -77,7 +77,11 @@ def run_case(profile: str, precision: str, steps: int) -> dict:
     train_config = config.train.model_copy(update={"precision": precision})
     optimizer = build_optimizer(model, train_config)
     step = TrainStep(
-        model, optimizer, build_scheduler(optimizer, train_config, 1000), config.loss, train_config
+        model,
+        optimizer,
+        build_scheduler(optimizer, train_config, 1000),
+        loss_config=config.loss,
+        train_config=train_config,
     )
     rss_before = _rss_mib()
     with FlopCounterMode(display=False) as counter:

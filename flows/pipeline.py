@@ -49,7 +49,7 @@ def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
 
 @task(retry_condition_fn=_worth_retrying, retry_delay_seconds=exponential_backoff(10))
 def _run_stage(
-    name: str, config: SegCLIPConfig, inputs: list[DataRef], force: bool, lineage: Lineage
+    name: str, config: SegCLIPConfig, inputs: list[DataRef], *, force: bool, lineage: Lineage
 ) -> StageRun:
     result = get_stage(name).run(config, inputs, force=force, lineage=lineage)
     state = "reused" if result.skipped else "finished"
@@ -80,7 +80,8 @@ def stage_flow(
     chosen = get_stage(stage)
     inputs = upstream_inputs(chosen, config)
     lineage = Lineage(tags=_flow_run_tags())
-    return _stage_task(chosen)(chosen.name, config, inputs, force, lineage).output.url
+    done = _stage_task(chosen)(chosen.name, config, inputs, force=force, lineage=lineage)
+    return done.output.url
 
 
 @flow(name="segclip-pipeline")
@@ -101,7 +102,8 @@ def pipeline_flow(
     inputs: list[DataRef] = []
     try:
         for stage in STAGES:
-            done = _stage_task(stage)(stage.name, config, inputs, stage.name in force, lineage)
+            forced = stage.name in force
+            done = _stage_task(stage)(stage.name, config, inputs, force=forced, lineage=lineage)
             outputs[stage.name], inputs = done.output.url, [done.output]
             stage_runs[stage.name] = done.mlflow_run_id
     finally:

@@ -200,7 +200,9 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
             overlays = config.eval.overlays
             if distributed:  # Ray Data actors share the images; overlays are drawn here
                 shown = benchmark.ids[:overlays]
-                drawn = evaluate_benchmark(segmenter, spec, benchmark.folder, shown, overlays)
+                drawn = evaluate_benchmark(
+                    segmenter, spec, benchmark.folder, shown, overlays=overlays
+                )
                 confusion = _distributed_confusion(config, prepared.model, benchmark)
                 result = BenchmarkResult(spec.name, len(benchmark.ids), confusion, drawn.overlays)
             else:

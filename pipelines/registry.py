@@ -11,6 +11,7 @@ from pipelines import evaluate, ingest, superpixels, train
 from segclip.config import SegCLIPConfig
 from segclip.manifest import DataRef, read_result
 from segclip.stage import Stage
+from segclip.storage import use_s3_endpoint
 
 STAGES: tuple[Stage, ...] = (ingest.STAGE, superpixels.STAGE, train.STAGE, evaluate.STAGE)
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
@@ -27,6 +28,7 @@ def upstream_inputs(stage: Stage, config: SegCLIPConfig) -> list[DataRef]:
     """The finished output a stage reads, found from the config (for a stage run alone)."""
     if stage.reads is None:
         return []
+    use_s3_endpoint(config.runtime.s3_endpoint_url)
     previous = get_stage(stage.reads)
     folder = previous.output_dir(
         config, previous.resolve_inputs(config, upstream_inputs(previous, config))
@@ -43,6 +45,7 @@ def upstream_inputs(stage: Stage, config: SegCLIPConfig) -> list[DataRef]:
 
 def stage_status(config: SegCLIPConfig) -> list[str]:
     """One line per stage: finished (with its counts), started, or not run; nothing is run."""
+    use_s3_endpoint(config.runtime.s3_endpoint_url)
     lines: list[str] = []
     upstream: list[DataRef] | None = []
     for stage in STAGES:

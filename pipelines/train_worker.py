@@ -53,7 +53,14 @@ def _build(config: SegCLIPConfig, plan: TrainPlan, device: torch.device) -> Trai
     optimizer = build_optimizer(model, config.train)
     scheduler = build_scheduler(optimizer, config.train, plan.total_steps)
     wrapped = ray.train.torch.prepare_model(model)  # device placement and DDP
-    return TrainStep(wrapped, optimizer, scheduler, config.loss, config.train, device.type)
+    return TrainStep(
+        wrapped,
+        optimizer,
+        scheduler,
+        loss_config=config.loss,
+        train_config=config.train,
+        device_type=device.type,
+    )
 
 
 def _maybe_inject_failure(payload: WorkerPayload, step: int) -> None:

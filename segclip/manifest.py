@@ -125,12 +125,12 @@ class StageResult:
 
     @property
     def shard_urls(self) -> list[str]:
-        """Shard locations: relative paths resolved in the stage folder, URLs kept."""
+        """Shard locations: relative paths resolved in the stage folder, adopted ones (absolute
+        paths, URLs) kept."""
         return [
-            shard.path if "://" in shard.path or shard.path.startswith("/") else
-            str(self.output_dir / shard.path)
-            for shard in self.manifest.shards
-        ]  # fmt: skip
+            path if "://" in path else str(self.output_dir.joinpath(path))
+            for path in (shard.path for shard in self.manifest.shards)
+        ]
 
     def file(self, name: str) -> UPath:
         """A named output (e.g. the trained model) of the stage."""

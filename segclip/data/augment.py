@@ -10,7 +10,7 @@ from torchvision.transforms import functional as TF
 
 
 def nearest_resized_crop(
-    labels: np.ndarray, top: int, left: int, height: int, width: int, size: int
+    labels: np.ndarray, *, top: int, left: int, height: int, width: int, size: int
 ) -> np.ndarray:
     """Crop a label map and resize it to size x size by nearest pixel centre, any int dtype.
 
@@ -26,6 +26,7 @@ def paired_random_resized_crop(
     image: Image.Image,
     labels: np.ndarray,
     size: int,
+    *,
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> tuple[Image.Image, torch.Tensor]:
@@ -38,4 +39,5 @@ def paired_random_resized_crop(
     crop = TF.resized_crop(
         image, top, left, height, width, [size, size], interpolation=InterpolationMode.BICUBIC
     )
-    return crop, torch.from_numpy(nearest_resized_crop(labels, top, left, height, width, size))
+    box = {"top": top, "left": left, "height": height, "width": width}
+    return crop, torch.from_numpy(nearest_resized_crop(labels, **box, size=size))

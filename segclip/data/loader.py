@@ -61,7 +61,7 @@ class RankShards(IterableDataset):
     """Shard URLs for the current loader worker of one rank, in a seeded order."""
 
     def __init__(
-        self, shards: Sequence[str], rank: int, world_size: int, resampled: bool, seed: int
+        self, shards: Sequence[str], *, rank: int, world_size: int, resampled: bool, seed: int
     ) -> None:
         super().__init__()
         self.shards = shards_for_rank(shards, rank, world_size)
@@ -111,8 +111,8 @@ class TrainingSample:
                 image.convert("RGB"),
                 decode_label_map(sample[LABEL_MEMBER]),
                 self.image_size,
-                self.data.crop_scale,
-                self.data.crop_ratio,
+                scale=self.data.crop_scale,
+                ratio=self.data.crop_ratio,
             )
         return {
             "__key__": sample["__key__"],
@@ -133,6 +133,7 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
 def training_samples(
     shards: Sequence[str],
     config: SegCLIPConfig,
+    *,
     rank: int = 0,
     world_size: int = 1,
     resampled: bool = True,
@@ -141,7 +142,7 @@ def training_samples(
     """Per-sample stream of one rank; `epoch` reseeds shard order, crops and shuffling."""
     seed = hash((config.train.seed, epoch))
     return wds.DataPipeline(
-        RankShards(shards, rank, world_size, resampled, seed),
+        RankShards(shards, rank=rank, world_size=world_size, resampled=resampled, seed=seed),
         open_shards,
         expand_tar_samples,
         wds.shuffle(config.data.shuffle_buffer, seed=hash((seed, rank))),
@@ -153,6 +154,7 @@ def training_loader(
     shards: Sequence[str],
     config: SegCLIPConfig,
     batch_size: int,
+    *,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 2,
@@ -160,8 +162,9 @@ def training_loader(
     epoch: int = 0,
 ) -> wds.WebLoader:
     """Batches for one rank; in epoch mode stop after `batches_per_epoch(...)` steps."""
-    pipeline = training_samples(shards, config, rank, world_size, resampled, epoch).compose(
-        wds.batched(batch_size, collation_fn=collate, partial=False)
+    samples = training_samples(
+        shards, config, rank=rank, world_size=world_size, resampled=resampled, epoch=epoch
     )
+    pipeline = samples.compose(wds.batched(batch_size, collation_fn=collate, partial=False))
     # Crop boxes come from torch's RNG, which DataLoader seeds differently in each worker.
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

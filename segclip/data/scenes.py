@@ -38,7 +38,10 @@ class Scene:
     class_map: np.ndarray  # (H, W) uint8: 0 background, k = CATEGORIES[k - 1]
 
 
-def _polygon(category: str, cx: float, cy: float, r: float, turn: float) -> list[tuple]:
+def _polygon(category: str, box: tuple[float, float, float, float]) -> list[tuple]:
+    """The outline of a shape centred at (cx, cy) with radius r, turned by `turn` radians."""
+    cx, cy, r, turn = box
+
     def ring(n: int, radius_of) -> list[tuple]:
         return [
             (
@@ -78,13 +81,13 @@ def _polygon(category: str, cx: float, cy: float, r: float, turn: float) -> list
 
 
 def _draw(draw: ImageDraw.ImageDraw, category: str, box: tuple, fill) -> None:
-    cx, cy, r, turn = box
+    cx, cy, r, _ = box
     if category == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif category == "ring":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(2, int(0.35 * r)))
     else:
-        draw.polygon(_polygon(category, cx, cy, r, turn), fill=fill)
+        draw.polygon(_polygon(category, box), fill=fill)
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

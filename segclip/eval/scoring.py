@@ -54,6 +54,7 @@ def evaluate_benchmark(
     spec: BenchmarkSpec,
     folder: Path,
     ids: Sequence[str],
+    *,
     overlays: int = 0,
     progress: bool = True,
 ) -> BenchmarkResult:

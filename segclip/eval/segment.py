@@ -48,7 +48,7 @@ def class_text_embeddings(
 
 
 def center_class_affinity(
-    centers: torch.Tensor, image: torch.Tensor, text: torch.Tensor, top_k: int, scale: float
+    centers: torch.Tensor, image: torch.Tensor, text: torch.Tensor, *, top_k: int, scale: float
 ) -> torch.Tensor:
     """F = p1 * p2, (B, G, K): center-class softmax times the same restricted to the top-k
     classes of the image-level prior; `scale` multiplies the cosine similarities."""
@@ -115,8 +115,8 @@ class Segmenter:
             encoding.center_embeddings.float(),
             encoding.embedding.float(),
             text,
-            self.protocol.prior_top_k,
-            self.affinity_scale,
+            top_k=self.protocol.prior_top_k,
+            scale=self.affinity_scale,
         )
 
     @torch.inference_mode()

@@ -107,6 +107,7 @@ class SemanticGroup(nn.Module):
         self,
         width: int,
         heads: int,
+        *,
         num_centers: int,
         cross_attention_blocks: int,
         gumbel_tau: float,

@@ -50,6 +50,7 @@ class PixelDecoder(nn.Module):
         in_width: int,
         grid: tuple[int, int],
         patch_size: int,
+        *,
         width: int,
         depth: int,
         heads: int,
@@ -90,6 +91,7 @@ class MaskedReconstruction(nn.Module):
         self,
         width: int,
         heads: int,
+        *,
         num_centers: int,
         num_blocks: int,
         grid: tuple[int, int],
@@ -106,7 +108,7 @@ class MaskedReconstruction(nn.Module):
             ResidualAttentionBlock(width, heads, act_layer=QuickGELU) for _ in range(num_blocks)
         )
         self.decoder = PixelDecoder(
-            width, grid, patch_size, decoder_width, decoder_depth, decoder_heads
+            width, grid, patch_size, width=decoder_width, depth=decoder_depth, heads=decoder_heads
         )
 
     def forward(

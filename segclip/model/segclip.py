@@ -87,18 +87,22 @@ class SegCLIP(nn.Module):
         self.patch_size = visual.conv1.kernel_size[0]
         self.grid: tuple[int, int] = tuple(visual.grid_size)
         self.group = SemanticGroup(
-            width, heads, config.num_centers, config.cross_attention_blocks, config.gumbel_tau
+            width,
+            heads,
+            num_centers=config.num_centers,
+            cross_attention_blocks=config.cross_attention_blocks,
+            gumbel_tau=config.gumbel_tau,
         )
         self.reconstruction = MaskedReconstruction(
             width,
             heads,
-            config.num_centers,
-            config.reconstruction_blocks,
-            self.grid,
-            self.patch_size,
-            config.decoder_width,
-            config.decoder_depth,
-            config.decoder_heads,
+            num_centers=config.num_centers,
+            num_blocks=config.reconstruction_blocks,
+            grid=self.grid,
+            patch_size=self.patch_size,
+            decoder_width=config.decoder_width,
+            decoder_depth=config.decoder_depth,
+            decoder_heads=config.decoder_heads,
         )
 
     @property

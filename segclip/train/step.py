@@ -34,6 +34,7 @@ class TrainStep:
         model: SegCLIP | nn.parallel.DistributedDataParallel,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
         loss_config: LossConfig,
         train_config: TrainConfig,
         device_type: str = "cpu",

@@ -18,21 +18,9 @@ from pipelines.train_worker import RESUMED
 from segclip.config import load_config
 from segclip.manifest import read_result
 from segclip.tracking import RUN_ID_FILE, tracking_client
+from tests.integration.tiny_run import TINY_RUN
 
 pytestmark = pytest.mark.slow
-
-TINY_RUN = [
-    "demo.train_images=48",
-    "ingest.samples_per_shard=16",
-    "runtime.ingest_processes=1",
-    "train.steps=3",
-    "train.global_batch_size=8",
-    "runtime.log_every=1",
-    "demo.benchmark_images=4",
-    "demo.image_size=96",
-    "ingest.image_size=96",
-    "eval.benchmarks=[demo]",
-]
 
 SCENARIO = """
 import json, sys
@@ -53,15 +41,20 @@ print("REPORT " + json.dumps(report))
 """
 
 
-def test_pipeline_reuses_finished_stages_and_reruns_what_a_change_touches(tmp_path):
+def run_scenario(script: str, workdir: Path) -> dict:
+    """Run a flows script in a child process on the tiny run; returns the report it prints."""
     done = subprocess.run(
-        [sys.executable, "-c", SCENARIO, f"runtime.workdir={tmp_path}", *TINY_RUN],
+        [sys.executable, "-c", script, f"runtime.workdir={workdir}", *TINY_RUN],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.split("REPORT ", 1)[1])
+    return json.loads(done.stdout.split("REPORT ", 1)[1])
+
+
+def test_pipeline_reuses_finished_stages_and_reruns_what_a_change_touches(tmp_path):
+    report = run_scenario(SCENARIO, tmp_path)
     first = report["first"]
     assert list(first) == ["ingest", "superpixels", "train", "evaluate"]
     for stage, folder in first.items():
@@ -222,14 +215,7 @@ print("REPORT " + json.dumps(report))
 def test_a_failing_stage_fails_its_run_and_the_pipeline_and_permanent_errors_are_not_retried(
     tmp_path,
 ):
-    done = subprocess.run(
-        [sys.executable, "-c", FAILING, f"runtime.workdir={tmp_path}", *TINY_RUN],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.split("REPORT ", 1)[1])
+    report = run_scenario(FAILING, tmp_path)
     state, message, runs = report["missing"]
     assert state == "FAILED" and "VOCdevkit/VOC2012" in message
     assert runs["evaluate"] == 1  # a missing dataset is not retried (evaluate has retries=2)

@@ -19,23 +19,12 @@ from segclip.config import load_config
 from segclip.manifest import load_result
 from segclip.storage import StorageError, check_writable, location
 from tests.integration.s3_server import CREDENTIALS, free_port, moto_server
+from tests.integration.tiny_run import TINY_RUN
 
 pytestmark = pytest.mark.slow
 
 BUCKET = "segclip-test"
-TINY_RUN = [
-    "demo.train_images=48",
-    "ingest.samples_per_shard=16",
-    "runtime.ingest_processes=1",
-    "train.steps=3",
-    "train.global_batch_size=8",
-    "runtime.log_every=1",
-    "runtime.checkpoint_every=2",
-    "demo.benchmark_images=4",
-    "demo.image_size=96",
-    "ingest.image_size=96",
-    "eval.benchmarks=[demo]",
-]
+RUN = [*TINY_RUN, "runtime.checkpoint_every=2"]
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +67,14 @@ def scratch_folders() -> set[str]:
     return {p.name for p in Path(tempfile.gettempdir()).glob("segclip-*")}
 
 
-def test_the_pipeline_runs_with_its_workdir_on_the_store(endpoint, tmp_path):
+def test_the_pipeline_runs_with_its_workdir_on_the_store(endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)  # for this test's own reads
     cwd, cache = tmp_path / "cwd", tmp_path / "cache"
     cwd.mkdir()
     env = {**os.environ, **CREDENTIALS, "XDG_CACHE_HOME": str(cache)}
+    env.pop("AWS_ENDPOINT_URL_S3")  # the runs get the endpoint from runtime.s3_endpoint_url
     workdir = f"s3://{BUCKET}/work"
-    settings = [f"runtime.workdir={workdir}", f"runtime.s3_endpoint_url={endpoint}", *TINY_RUN]
+    settings = [f"runtime.workdir={workdir}", f"runtime.s3_endpoint_url={endpoint}", *RUN]
     scratch_before = scratch_folders()
 
     first = segclip(cwd, env, "run", "--profile", "tiny", *settings)
@@ -138,7 +129,7 @@ def test_a_wrong_bucket_fails_before_any_work_naming_the_url_and_the_fix(endpoin
     from pipelines import ingest
 
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    config = load_config("tiny", ["runtime.workdir=s3://no-such-bucket/work", *TINY_RUN])
+    config = load_config("tiny", ["runtime.workdir=s3://no-such-bucket/work", *RUN])
     with pytest.raises(StorageError, match=r"s3://no-such-bucket/work: the bucket does not"):
         ingest.run(config)
 

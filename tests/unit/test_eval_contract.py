@@ -99,7 +99,7 @@ def _hand_window_scores(model, rgb, text, top_k, scale):
     with torch.no_grad():
         encoding = model.encode_image(crop, VisionMode.INFER)
     affinity = center_class_affinity(
-        encoding.center_embeddings, encoding.embedding, text, top_k, scale
+        encoding.center_embeddings, encoding.embedding, text, top_k=top_k, scale=scale
     )[0]  # (G, K)
     groups = affinity.shape[0]
     soft = encoding.soft_assign.reshape(1, groups, *encoding.grid)

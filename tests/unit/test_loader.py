@@ -43,7 +43,7 @@ def shards(tmp_path_factory, tiny_config):
 
 
 def keys_read(shards, config, rank, world_size, num_workers):
-    pipeline = training_samples(shards, config, rank, world_size, resampled=False)
+    pipeline = training_samples(shards, config, rank=rank, world_size=world_size, resampled=False)
     loader = wds.WebLoader(
         pipeline.compose(wds.map(lambda s: s["__key__"])), batch_size=None, num_workers=num_workers
     )
@@ -102,7 +102,7 @@ def test_resampled_mode_streams_past_the_data_and_ranks_differ(shards):
     small_buffer = load_config("tiny", ["data.shuffle_buffer=2"])
 
     def first_keys(rank):
-        samples = training_samples(shards, small_buffer, rank, 2, resampled=True)
+        samples = training_samples(shards, small_buffer, rank=rank, world_size=2, resampled=True)
         return [s["__key__"] for s in islice(iter(samples), 40)]
 
     rank0, rank1 = first_keys(0), first_keys(1)

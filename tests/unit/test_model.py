@@ -134,8 +134,8 @@ def test_a_training_step_runs_under_each_precision(tiny_model, tiny_images, tiny
         tiny_model,
         optimizer,
         build_scheduler(optimizer, train_config, 10),
-        tiny_config.loss,
-        train_config,
+        loss_config=tiny_config.loss,
+        train_config=train_config,
     )
     tokens = CaptionTokenizer(tiny_config.model)(["a photo"] * tiny_images.shape[0])
     superpixels = torch.zeros(tiny_images.shape[0], 64, dtype=torch.long)
@@ -150,7 +150,13 @@ def test_accumulated_micro_batches_take_one_optimiser_step(tiny_model, tiny_conf
 
     optimizer = build_optimizer(tiny_model, tiny_config.train)
     scheduler = build_scheduler(optimizer, tiny_config.train, 10)
-    step = TrainStep(tiny_model, optimizer, scheduler, tiny_config.loss, tiny_config.train)
+    step = TrainStep(
+        tiny_model,
+        optimizer,
+        scheduler,
+        loss_config=tiny_config.loss,
+        train_config=tiny_config.train,
+    )
     images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(2))
     batch = Batch(
         images,
@@ -183,7 +189,13 @@ def test_training_state_round_trip_and_incomplete_folders(tiny_model, tiny_confi
     def new_step(model):
         optimizer = build_optimizer(model, tiny_config.train)
         scheduler = build_scheduler(optimizer, tiny_config.train, 20)
-        return TrainStep(model, optimizer, scheduler, tiny_config.loss, tiny_config.train)
+        return TrainStep(
+            model,
+            optimizer,
+            scheduler,
+            loss_config=tiny_config.loss,
+            train_config=tiny_config.train,
+        )
 
     saved = new_step(tiny_model)
     images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(3))

@@ -70,7 +70,10 @@ def _recording_step(model, train_config, loss_config, total_steps=TOTAL_STEPS):
         parameter_groups(model, train_config), betas=train_config.betas, eps=train_config.eps
     )
     scheduler = build_scheduler(optimizer, train_config, total_steps)
-    return TrainStep(model, optimizer, scheduler, loss_config, train_config), optimizer, scheduler
+    step = TrainStep(
+        model, optimizer, scheduler, loss_config=loss_config, train_config=train_config
+    )
+    return step, optimizer, scheduler
 
 
 # --- 1. two learning rates, by role ---------------------------------------------------------
@@ -100,7 +103,7 @@ def test_learning_rates_by_role_and_scaled_by_the_schedule_after_one_step(tiny_c
         assert lr_of[id(names[name])] == lr, name
 
     scheduler = build_scheduler(optimizer, train, TOTAL_STEPS)
-    step = TrainStep(model, optimizer, scheduler, tiny_config.loss, train)
+    step = TrainStep(model, optimizer, scheduler, loss_config=tiny_config.loss, train_config=train)
     step(_batch(tiny_config))
     assert scheduler.last_epoch == 1
     multiplier = 0.4  # warmup 5 steps: after one step (1 + 1) / 5
