@@ -207,7 +207,7 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
                 result = BenchmarkResult(spec.name, len(benchmark.ids), confusion, drawn.overlays)
             else:
                 result = evaluate_benchmark(
-                    segmenter, spec, benchmark.folder, benchmark.ids, overlays
+                    segmenter, spec, benchmark.folder, benchmark.ids, overlays=overlays
                 )
             written = result.write(folder, spec.class_names)
             client.log_artifacts(run_id, str(written), artifact_path=spec.name)

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+from upath import UPath
 
 from segclip.eval.datasets import BenchmarkSpec, read_sample
 from segclip.eval.metrics import ConfusionMatrix
@@ -52,7 +53,7 @@ class BenchmarkResult:
 def evaluate_benchmark(
     segmenter: Predictor,
     spec: BenchmarkSpec,
-    folder: Path,
+    folder: UPath,
     ids: Sequence[str],
     *,
     overlays: int = 0,
