@@ -1,8 +1,9 @@
 """MLflow conventions: where runs are stored, how configs become params, lineage tags.
 
 Default store: `<workdir>/mlflow.db` (SQLite) with artifacts in
-`<workdir>/mlartifacts`; `runtime.tracking_uri` or `MLFLOW_TRACKING_URI` points
-at any other store, e.g. an MLflow server.
+`<workdir>/mlartifacts`; for a workdir on an object store the SQLite file lives in
+a local cache folder (artifacts still go to the store). `runtime.tracking_uri` or
+`MLFLOW_TRACKING_URI` points at any other store, e.g. an MLflow server.
 
 Lineage: each stage output has one MLflow run, created when the stage first
 runs. An end-to-end run gets a parent run; the stages it runs become its
