@@ -202,7 +202,8 @@ def task_runs(state):
 overrides = sys.argv[1:]
 missing = pipeline_flow("tiny", [*overrides, "eval.benchmarks=[voc]", "eval.data_root=/nowhere"],
                         return_state=True)
-crashed = pipeline_flow("tiny", [*overrides, "runtime.inject_failure_at_step=2",
+# A new seed: the missing-dataset run above finished training with the same key.
+crashed = pipeline_flow("tiny", [*overrides, "train.seed=7", "runtime.inject_failure_at_step=2",
                                  "runtime.max_failures=0"], return_state=True)
 report = {
     "missing": [missing.type.value, missing.message, task_runs(missing)],
@@ -246,4 +247,6 @@ def test_the_cli_exits_2_naming_what_is_missing_for_a_stage_that_cannot_run(tmp_
         timeout=300,
     )
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "segclip train: train needs the superpixels output" in done.stderr
+    # The earliest stage that has not finished is the one named, with the command to run.
+    assert "segclip train: superpixels needs the ingest output" in done.stderr
+    assert "run `segclip ingest`" in done.stderr
