@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from upath import UPath
 
-from pipelines.ray_runtime import connect, ray_address, use_reserved_cpus
+from pipelines.ray_runtime import connect, node_id, ray_address, use_reserved_cpus
 from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import demo_data_key
 from segclip.device import resolve_device
@@ -36,6 +36,10 @@ from segclip.storage import local_folder, location
 from segclip.tracking import log_metrics, log_params
 
 RESULTS_FILE = "results.json"
+# Every model copy is loaded before the images are shared out, so all of them take part
+# (the first ready would otherwise take a short benchmark alone); a cluster that cannot
+# place them fails after this long instead of waiting for ever.
+ACTORS_START_TIMEOUT_S = 600
 
 
 def settings(config: SegCLIPConfig) -> dict[str, Any]:
@@ -108,13 +112,14 @@ class _ConfusionActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(sample_id) for sample_id in batch["id"]]
         result = evaluate_benchmark(self.segmenter, self.spec, self.folder, ids, progress=False)
-        return {"confusion": result.confusion.matrix[None]}
+        return {"confusion": result.confusion.matrix[None], "node": np.array([node_id()])}
 
 
 def _distributed_confusion(
     config: SegCLIPConfig, model_file: UPath, benchmark: LocatedBenchmark
-) -> ConfusionMatrix:
-    """The benchmark's confusion matrix from `runtime.eval_actors` model copies (Ray Data)."""
+) -> tuple[ConfusionMatrix, set[str]]:
+    """The benchmark's confusion matrix from `runtime.eval_actors` model copies (Ray Data),
+    and the nodes they ran on."""
     import ray
 
     connect(config.runtime.ray_address)
@@ -132,10 +137,12 @@ def _distributed_confusion(
         num_cpus=1,
         num_gpus=1 if config.runtime.use_gpu else 0,
     )
-    confusion = ConfusionMatrix(len(benchmark.spec.class_names))
+    batches.context.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
+    confusion, nodes = ConfusionMatrix(len(benchmark.spec.class_names)), set()
     for row in batches.iter_rows():
         confusion.matrix += row["confusion"]
-    return confusion
+        nodes.add(str(row["node"]))
+    return confusion, nodes
 
 
 def _scores(result: BenchmarkResult) -> dict[str, float]:
@@ -192,7 +199,7 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
     model = load_model(prepared.model)
     torch.manual_seed(config.train.seed)
     distributed = ray_address(config.runtime.ray_address) or config.runtime.use_gpu
-    results = {}
+    results, nodes = {}, set()
     with local_folder(context.output_dir) as folder:
         for benchmark in prepared.benchmarks:
             spec = benchmark.spec
@@ -203,7 +210,8 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
                 drawn = evaluate_benchmark(
                     segmenter, spec, benchmark.folder, shown, overlays=overlays
                 )
-                confusion = _distributed_confusion(config, prepared.model, benchmark)
+                confusion, used = _distributed_confusion(config, prepared.model, benchmark)
+                nodes |= used
                 result = BenchmarkResult(spec.name, len(benchmark.ids), confusion, drawn.overlays)
             else:
                 result = evaluate_benchmark(
@@ -228,6 +236,7 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
     return StageOutput(
         counts={f"images/{name}": int(r["images"]) for name, r in results.items()},
         files={"results": RESULTS_FILE, "protocol": "protocol.json"},
+        nodes=sorted(nodes),
     )
 
 

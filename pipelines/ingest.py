@@ -1,7 +1,8 @@
 """Ingest stage: image-text pairs -> webdataset shards (`.jpg`, `.txt`, `.json`) via img2dataset.
 
 Every source that has to fetch images (a url list, the demo scenes or a COCO folder,
-both served on 127.0.0.1) goes through the same img2dataset download, so resizing,
+both served by the driver: on 127.0.0.1, or on its cluster address when img2dataset
+downloads on Ray) goes through the same img2dataset download, so resizing,
 encoding and failure accounting are identical. Existing shards are validated and
 adopted in place. img2dataset's incremental mode keeps every shard that finished
 (it has a `_stats.json`), so an interrupted ingest resumes where it stopped. Every
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
-from pipelines.ray_runtime import connect, ray_address
+from pipelines.ray_runtime import connect, node_ip, ray_address
 from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import demo_data_key, write_demo_source
 from segclip.data.serve import serve_directory
@@ -82,6 +83,21 @@ def _summary(shards: list[ShardRef], failures: Counter[str]) -> StageOutput:
     )
 
 
+def _distributor(config: SegCLIPConfig) -> str:
+    runtime = config.runtime
+    if runtime.ingest_distributor == "auto":
+        return "ray" if ray_address(runtime.ray_address) else "multiprocessing"
+    return runtime.ingest_distributor
+
+
+def _serving_host(config: SegCLIPConfig) -> str:
+    """Where the driver serves local images: its cluster address when Ray downloads them."""
+    if _distributor(config) != "ray":
+        return "127.0.0.1"
+    connect(config.runtime.ray_address)
+    return node_ip()
+
+
 def download(
     config: SegCLIPConfig,
     output_dir: UPath,
@@ -95,9 +111,7 @@ def download(
     import img2dataset  # heavy (pandas, cv2, albumentations): only when downloading
 
     ingest, runtime = config.ingest, config.runtime
-    distributor = runtime.ingest_distributor
-    if distributor == "auto":
-        distributor = "ray" if ray_address(runtime.ray_address) else "multiprocessing"
+    distributor = _distributor(config)
     if distributor == "ray":
         connect(runtime.ray_address)
     img2dataset.download(
@@ -221,7 +235,7 @@ def _ingest_demo(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
     scratch for one on a store) and served from there."""
     with local_folder(output_dir / "source" / "scenes", publish=False) as scenes:
         table = pq.read_table(write_demo_source(scenes, config.demo))
-        with serve_directory(scenes) as base:
+        with serve_directory(scenes, host=_serving_host(config)) as base:
             urls = [base + name for name in table["file"].to_pylist()]
             return download_pairs(config, output_dir, urls, table["caption"].to_pylist())
 
@@ -239,7 +253,7 @@ def _coco_inputs(config: SegCLIPConfig) -> list[DataRef]:
 
 def _ingest_coco(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
     """Each caption of each image in the chosen Karpathy splits becomes its own sample; the
-    folder (local or on a store) is served on 127.0.0.1 for img2dataset to download."""
+    folder (local or on a store) is served for img2dataset to download."""
     root = location(config.ingest.path)
     images = json.loads((root / KARPATHY_FILE).read_text())["images"]
     chosen = [image for image in images if image["split"] in config.ingest.coco_splits]
@@ -254,7 +268,7 @@ def _ingest_coco(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
             f"{first} listed in {KARPATHY_FILE} is missing: unpack train2014.zip and "
             f"val2014.zip into {root}"
         )
-    with serve_directory(root) as base:
+    with serve_directory(root, host=_serving_host(config)) as base:
         urls, captions = [], []
         for image in chosen:
             url = f"{base}{image['filepath']}/{image['filename']}"

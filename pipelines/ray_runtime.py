@@ -68,6 +68,21 @@ def connect(address: str | None) -> None:
     ray.init(address=target, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
 
 
+def node_id() -> str:
+    """The Ray node this process runs on: stages record where their work ran."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def node_ip() -> str:
+    """This process's address on the cluster network (its node's), where other nodes reach it."""
+    here = node_id()
+    return next(node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == here)
+
+
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
 def use_reserved_cpus() -> None:
     """Torch threads = the CPUs this Ray worker reserved: no oversubscription, and the same
     float rounding whatever environment the worker was started with."""

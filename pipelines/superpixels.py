@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from pipelines.ray_runtime import connect
+from pipelines.ray_runtime import connect, node_id
 from segclip.config import DataConfig, SegCLIPConfig
 from segclip.data.shards import ShardReport, report_path, superpixel_shard
 from segclip.manifest import DataRef, ShardRef, load_result
@@ -36,7 +36,7 @@ def settings(config: SegCLIPConfig) -> dict[str, Any]:
 
 def _process(row: dict[str, Any], config: DataConfig) -> dict[str, Any]:
     report = superpixel_shard(row["source"], row["target"], config)
-    return {"target": row["target"], "samples": report.samples}
+    return {"target": row["target"], "samples": report.samples, "node": node_id()}
 
 
 def _ingest_shards(config: SegCLIPConfig, inputs: list[DataRef]) -> list[str]:
@@ -51,10 +51,12 @@ def _superpixel_shards(context: StageContext[list[str]]) -> StageOutput:
         for source, target in zip(sources, targets, strict=True)
         if not report_path(target).is_file()
     ]
+    nodes = []
     if todo:
         connect(config.runtime.ray_address)
         dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
-        dataset.map(_process, fn_kwargs={"config": config.data}, num_cpus=1).materialize()
+        done = dataset.map(_process, fn_kwargs={"config": config.data}, num_cpus=1)
+        nodes = [row["node"] for row in done.take_all()]
     reports = [ShardReport.model_validate_json(report_path(t).read_text()) for t in targets]
     failures = Counter(failed.reason for report in reports for failed in report.failed)
     return StageOutput(
@@ -70,6 +72,7 @@ def _superpixel_shards(context: StageContext[list[str]]) -> StageOutput:
             for target, report in zip(targets, reports, strict=True)
         ],
         timings={"shard_seconds": sum(report.seconds for report in reports)},
+        nodes=nodes,
     )
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from upath import UPath
 
-from pipelines.ray_runtime import connect, ray_storage
+from pipelines.ray_runtime import alive_nodes, connect, ray_address, ray_storage
 from pipelines.train_worker import WorkerPayload, train_worker
-from segclip.config import TRAIN_KEY_RUNTIME, SegCLIPConfig
+from segclip.config import TRAIN_KEY_RUNTIME, ConfigError, SegCLIPConfig
 from segclip.manifest import DataRef, load_result, read_result
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import location, publish_folder
@@ -117,8 +117,27 @@ class TrainingInput:
     shards: list[str]
 
 
+def _check_shared_tracking(config: SegCLIPConfig) -> None:
+    """Rank 0 logs the training metrics from whichever node it lands on; a local MLflow store
+    is a file on the driver's node, which the other nodes of a cluster cannot write to."""
+    if ray_address(config.runtime.ray_address) is None:
+        return
+    uri = tracking_uri(config)
+    if uri.startswith(("http://", "https://", "databricks")):
+        return
+    connect(config.runtime.ray_address)
+    nodes = alive_nodes()
+    if nodes > 1:
+        raise ConfigError(
+            f"training on a {nodes}-node Ray cluster needs an MLflow server every node can "
+            f"reach, not the local store {uri}: set MLFLOW_TRACKING_URI (or "
+            "runtime.tracking_uri) to the server's http:// URL (infra/local/stack.py starts one)"
+        )
+
+
 def _plan(config: SegCLIPConfig, inputs: list[DataRef]) -> TrainingInput:
-    """Bad batch or worker settings fail here, before any work."""
+    """Bad batch, worker or tracking settings fail here, before any work."""
+    _check_shared_tracking(config)
     upstream = load_result(inputs[0].url)
     return TrainingInput(
         plan_training(config, upstream.manifest.counts["samples"]), upstream.shard_urls
@@ -159,6 +178,7 @@ def _train(context: StageContext[TrainingInput]) -> StageOutput:
         },
         files={"model": f"{FINAL_DIR}/{MODEL_FILE}"},
         timings={"fit": time.perf_counter() - start},
+        nodes=result.metrics.get("nodes", []),
     )
 
 

@@ -19,9 +19,10 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 
-from pipelines.ray_runtime import use_reserved_cpus
+from pipelines.ray_runtime import node_id, use_reserved_cpus
 from segclip.config import SegCLIPConfig
 from segclip.data.loader import training_loader
 from segclip.model import build_model
@@ -86,6 +87,15 @@ def _start_step(payload: WorkerPayload, step_fn: TrainStep) -> int:
     return 0
 
 
+def _group_nodes() -> list[str]:
+    """The Ray nodes of every rank, gathered so rank 0 can report where the run trained."""
+    nodes = [node_id()]
+    if dist.is_initialized():
+        nodes = [""] * dist.get_world_size()
+        dist.all_gather_object(nodes, node_id())
+    return nodes
+
+
 def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
     """Ray Train's `train_loop_per_worker`."""
     logging.getLogger().setLevel(logging.WARNING)  # open_clip's INFO lines, once per worker
@@ -98,6 +108,7 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
     device = ray.train.torch.get_device()
     step_fn = _build(config, plan, device)
     step = _start_step(payload, step_fn)
+    nodes = _group_nodes()
     if step and rank == 0:
         print(f"{RESUMED} {step} of {plan.total_steps}", flush=True)
 
@@ -138,6 +149,6 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
                 if rank == 0:
                     save_training_state(Path(folder), step_fn, step)
                 ray.train.report(
-                    {"step": step, **metrics},
+                    {"step": step, "nodes": nodes, **metrics},
                     checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None,
                 )

@@ -73,6 +73,9 @@ class Manifest(BaseModel):
         default_factory=dict, description="named outputs later stages read, relative paths"
     )
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per phase")
+    nodes: list[str] = Field(
+        default_factory=list, description="the cluster nodes that did this run's work (Ray ids)"
+    )
     versions: dict[str, str] = Field(default_factory=dict)
     code_revision: str = "unknown"
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())

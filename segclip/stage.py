@@ -77,6 +77,7 @@ class StageOutput:
     shards: list[ShardRef] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # named outputs for later stages
     timings: dict[str, float] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=list)  # where the work ran, on a cluster
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class Stage(Generic[Prepared]):
             shards=output.shards,
             files=output.files,
             timings={**output.timings, "total": time.perf_counter() - start},
+            nodes=sorted(set(output.nodes)),
             versions=package_versions(),
             code_revision=code_revision(),
         )

@@ -1,4 +1,7 @@
-"""A static file server on 127.0.0.1, so local or stored files go through a real HTTP download."""
+"""A static file server, so local or stored files go through a real HTTP download.
+
+It listens on 127.0.0.1 unless the downloads run on other nodes of a cluster, which need
+the driver's cluster address; it serves only while its block runs."""
 
 from __future__ import annotations
 
@@ -51,11 +54,11 @@ class _StoreHandler(BaseHTTPRequestHandler):
         """Thousands of image requests would drown the stage's own progress output."""
 
 
-class _LoopbackServer(ThreadingHTTPServer):
+class _FolderServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: UPath) -> None:
-        super().__init__(("127.0.0.1", 0), _StoreHandler)
+    def __init__(self, root: UPath, host: str) -> None:
+        super().__init__((host, 0), _StoreHandler)
         self.root = root
 
     def handle_error(self, request: object, client_address: tuple) -> None:
@@ -67,14 +70,14 @@ class _LoopbackServer(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve_directory(folder: str | os.PathLike[str]) -> Iterator[str]:
-    """Serve `folder` (a path or URL) on a free loopback port for the duration of the block;
+def serve_directory(folder: str | os.PathLike[str], *, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve `folder` (a path or URL) on a free port of `host` for the duration of the block;
     yields the base URL."""
-    server = _LoopbackServer(location(folder))
+    server = _FolderServer(location(folder), host)
     thread = threading.Thread(target=server.serve_forever, name="serve-directory", daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}/"
+        yield f"http://{host}:{server.server_port}/"
     finally:
         server.shutdown()
         server.server_close()

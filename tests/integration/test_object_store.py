@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import s3fs
 from segclip.config import load_config
 from segclip.manifest import load_result
 from segclip.storage import StorageError, check_writable, location
-from tests.integration.s3_server import CREDENTIALS, free_port, moto_server
-from tests.integration.tiny_run import TINY_RUN
+from tests.integration.s3_server import CREDENTIALS, aws_credentials, free_port, moto_server
+from tests.integration.tiny_run import SEGCLIP, TINY_RUN, stage_folders
 
 pytestmark = pytest.mark.slow
 
@@ -29,38 +28,24 @@ RUN = [*TINY_RUN, "runtime.checkpoint_every=2"]
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with moto_server() as url:
-        saved = {name: os.environ.get(name) for name in CREDENTIALS}
-        os.environ.update(CREDENTIALS)
+    with moto_server() as url, aws_credentials():
         s3fs.S3FileSystem.clear_instance_cache()  # no client of an earlier server
         s3fs.S3FileSystem(endpoint_url=url).mkdir(BUCKET)
         try:
             yield url
         finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
             s3fs.S3FileSystem.clear_instance_cache()
 
 
 def segclip(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
+        [*SEGCLIP, *args],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=900,
     )
-
-
-def stage_folders(stdout: str) -> dict[str, str]:
-    """The `<stage> <folder>` lines `segclip run` ends with (training prints progress first)."""
-    pairs = (line.split() for line in stdout.splitlines())
-    stages = ("ingest", "superpixels", "train", "evaluate")
-    return {p[0]: p[1] for p in pairs if len(p) == 2 and p[0] in stages and "://" in p[1]}
 
 
 def scratch_folders() -> set[str]:

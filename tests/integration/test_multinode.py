@@ -1,0 +1,166 @@
+"""The pipeline on a real two-host Ray cluster (network namespaces, see netns_cluster.py),
+its workdir on an S3-compatible store and its tracking on an MLflow server, driven from
+the head host with RAY_ADDRESS: no shared folder, no code change.
+
+Both hosts do the work of superpixels, training (2 Ray Train workers) and evaluation (2
+actors); the results equal a one-host run of the same config; a training run that loses
+its worker host part-way continues from its last checkpoint on a replacement host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load
+
+from pipelines.train_worker import RESUMED
+from segclip.manifest import load_result
+from segclip.tracking import produced_by
+from tests.integration.netns_cluster import Cluster, netns_cluster
+from tests.integration.s3_server import CREDENTIALS, aws_credentials
+from tests.integration.tiny_run import SEGCLIP, TINY_RUN, stage_folders
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (as in CI)"),
+]
+
+BUCKET = "segclip-cluster"
+RUN = [
+    *TINY_RUN,
+    "ingest.samples_per_shard=8",  # 6 shards: work for both hosts
+    "runtime.train_workers=2",
+    "runtime.eval_actors=2",
+    "runtime.checkpoint_every=2",
+]
+RUN_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with netns_cluster(BUCKET) as started, aws_credentials():
+        os.environ["AWS_ENDPOINT_URL_S3"] = started.s3_endpoint  # this test's own reads
+        try:
+            yield started
+        finally:
+            os.environ.pop("AWS_ENDPOINT_URL_S3")
+
+
+def cluster_nodes(cluster: Cluster) -> set[str]:
+    listed = cluster.run_on(
+        cluster.head,
+        [
+            *SEGCLIP[:1],
+            "-c",
+            "import ray; ray.init(logging_level='ERROR'); "
+            "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))",
+        ],
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return set(listed.stdout.split())
+
+
+def results(folders: dict[str, str]) -> dict:
+    return json.loads(load_result(folders["evaluate"]).file("results").read_text())
+
+
+def trained_weights(folders: dict[str, str]) -> dict[str, torch.Tensor]:
+    return load(load_result(folders["train"]).file("model").read_bytes())
+
+
+def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster):
+    workdir = f"s3://{BUCKET}/two-hosts"
+    spread = cluster.run_on(
+        cluster.head,
+        [*SEGCLIP, "run", "--profile", "tiny", *RUN, f"runtime.workdir={workdir}"],
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
+    folders = stage_folders(spread.stdout)
+    assert list(folders) == ["ingest", "superpixels", "train", "evaluate"]
+
+    nodes = cluster_nodes(cluster)
+    assert len(nodes) == 2
+    for stage in ("superpixels", "train", "evaluate"):
+        assert set(load_result(folders[stage]).manifest.nodes) == nodes, stage
+
+    # One host: a local Ray on this machine (same CPUs per worker, one torch thread each).
+    one_host = {**os.environ, **CREDENTIALS, "MLFLOW_TRACKING_URI": cluster.tracking_uri}
+    one_host.pop("RAY_ADDRESS", None)
+    one_host["OMP_NUM_THREADS"] = "1"  # evaluation in the driver rounds as each actor does
+    local = subprocess.run(
+        [*SEGCLIP, "run", "--profile", "tiny", *RUN, f"runtime.workdir=s3://{BUCKET}/one-host"],
+        env=one_host,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    reference = stage_folders(local.stdout)
+    assert len(load_result(reference["train"]).manifest.nodes) == 1
+
+    spread_weights, local_weights = trained_weights(folders), trained_weights(reference)
+    assert spread_weights.keys() == local_weights.keys()
+    for name, tensor in spread_weights.items():
+        torch.testing.assert_close(tensor, local_weights[name], rtol=0, atol=0, msg=name)
+    assert results(folders) == results(reference)
+
+    # Rank 0 logged every step to the tracking server, from whichever host it ran on.
+    trained = load_result(folders["train"])
+    losses = MlflowClient(cluster.tracking_uri).get_metric_history(
+        produced_by(trained.output_dir), "loss/total"
+    )
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert trained.manifest.counts["world_size"] == 2
+
+
+def test_losing_the_worker_host_mid_training_resumes_from_the_last_checkpoint(cluster):
+    workdir = f"s3://{BUCKET}/node-loss"
+    steps = 24
+    trainer = cluster.popen_on(
+        cluster.head,
+        [
+            *SEGCLIP,
+            "run",
+            "--profile",
+            "tiny",
+            *RUN,
+            f"runtime.workdir={workdir}",
+            "train.seed=7",  # its own training key, not the equality run's
+            f"train.steps={steps}",
+            "runtime.max_failures=3",
+        ],
+    )
+    lines, killed_at, deadline = [], None, time.monotonic() + RUN_TIMEOUT_S
+    try:
+        for line in trainer.stdout:
+            lines.append(line)
+            progress = re.search(rf"step (\d+)/{steps}", line)
+            if killed_at is None and progress and int(progress.group(1)) >= 6:
+                killed_at = int(progress.group(1))
+                cluster.kill_worker_node()
+                cluster.start_worker_node()  # the replacement host, as an autoscaler brings
+            assert time.monotonic() < deadline, "the run did not finish in time"
+        assert trainer.wait(timeout=60) == 0, "".join(lines)[-4000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    output = "".join(lines)
+    assert killed_at is not None, output[-3000:]
+    resumed = re.search(rf"{RESUMED} (\d+) of {steps}", output)
+    assert resumed, output[-3000:]
+    # It resumed from a checkpoint (every 2 steps) written before the loss: no step skipped.
+    assert 2 <= int(resumed.group(1)) <= killed_at and int(resumed.group(1)) % 2 == 0
+    folders = stage_folders(output)
+    trained = load_result(folders["train"])
+    assert trained.manifest.counts["steps"] == steps
+    assert trained.file("model").is_file()
+    assert len(trained.manifest.nodes) == 2
