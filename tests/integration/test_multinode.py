@@ -33,6 +33,7 @@ pytestmark = [
 ]
 
 BUCKET = "segclip-cluster"
+TWO_HOSTS = f"s3://{BUCKET}/two-hosts"
 RUN = [
     *TINY_RUN,
     "ingest.samples_per_shard=8",  # 6 shards: work for both hosts
@@ -76,17 +77,22 @@ def trained_weights(folders: dict[str, str]) -> dict[str, torch.Tensor]:
     return load(load_result(folders["train"]).file("model").read_bytes())
 
 
-def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster):
-    workdir = f"s3://{BUCKET}/two-hosts"
+@pytest.fixture(scope="module")
+def two_host_run(cluster) -> dict[str, str]:
+    """The whole pipeline driven from the head host; its stage folders."""
     spread = cluster.run_on(
         cluster.head,
-        [*SEGCLIP, "run", "--profile", "tiny", *RUN, f"runtime.workdir={workdir}"],
+        [*SEGCLIP, "run", "--profile", "tiny", *RUN, f"runtime.workdir={TWO_HOSTS}"],
         timeout=RUN_TIMEOUT_S,
     )
     assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
     folders = stage_folders(spread.stdout)
     assert list(folders) == ["ingest", "superpixels", "train", "evaluate"]
+    return folders
 
+
+def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster, two_host_run):
+    folders = two_host_run
     nodes = cluster_nodes(cluster)
     assert len(nodes) == 2
     for stage in ("superpixels", "train", "evaluate"):
@@ -164,3 +170,16 @@ def test_losing_the_worker_host_mid_training_resumes_from_the_last_checkpoint(cl
     assert trained.manifest.counts["steps"] == steps
     assert trained.file("model").is_file()
     assert len(trained.manifest.nodes) == 2
+
+
+def test_training_on_the_cluster_without_a_tracking_server_names_the_fix(cluster, two_host_run):
+    """Rank 0 may run on the worker host, which cannot write the driver's local MLflow file."""
+    env = cluster.env()
+    env.pop("MLFLOW_TRACKING_URI")
+    settings = [*RUN, f"runtime.workdir={TWO_HOSTS}", "train.seed=3"]  # upstream is there
+    refused = cluster.run_on(
+        cluster.head, [*SEGCLIP, "train", "--profile", "tiny", *settings], timeout=300, env=env
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "training on a 2-node Ray cluster needs an MLflow server" in refused.stderr
+    assert "set MLFLOW_TRACKING_URI" in refused.stderr

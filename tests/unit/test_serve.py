@@ -1,4 +1,5 @@
-"""The loopback file server: real downloads, and client hang-ups do not flood the log."""
+"""The file server: real downloads on the address asked for, and client hang-ups do not
+flood the log."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ def test_serves_files_byte_for_byte(tmp_path: Path) -> None:
         assert base.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(base + "a.bin") as response:
             assert response.read() == bytes(range(256)) * 4
+
+
+def test_serves_on_the_given_address_only(tmp_path: Path) -> None:
+    """A cluster's workers fetch from the driver's cluster address (here another loopback
+    address stands in for it); the server listens there and nowhere else."""
+    (tmp_path / "a.txt").write_text("scene")
+    with serve_directory(tmp_path, host="127.0.0.2") as base:
+        assert base.startswith("http://127.0.0.2:")
+        with urllib.request.urlopen(base + "a.txt") as response:
+            assert response.read() == b"scene"
+        port = int(base.rstrip("/").rsplit(":", 1)[1])
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2)
 
 
 def test_client_hang_up_mid_transfer_prints_no_traceback(
