@@ -36,6 +36,7 @@ INFRA = ROOT / "infra"
 DATA = Path(__file__).parent / "data"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 COMPOSE = INFRA / "docker" / "compose.yaml"
+COMPOSE_ENV_EXAMPLE = INFRA / "docker" / "env.example"
 RAYCLUSTER = INFRA / "k8s" / "raycluster.yaml"
 RAYJOB = INFRA / "k8s" / "rayjob.yaml"
 ENDPOINTS = INFRA / "k8s" / "endpoints.yaml"
@@ -54,6 +55,13 @@ CLIENT_COMMAND = re.compile(r"\bray start\b|\bprefect worker\b")
 KUBERAY_SETS = {"RAY_ADDRESS"}
 CREDENTIALS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.IGNORECASE)
+# Ray token authentication, explicit in every spec: Ray 2.59+ turns it on for a head by
+# itself when a token file exists (~/.ray/auth_token, which a local ray.init() writes),
+# and then shuts out every node and driver started without the token. So every Ray node
+# (a compose service that runs `ray start`, every `ray start` of the launcher) and every
+# driver gets RAY_AUTH_MODE=token and the one token of the cluster.
+RAY_START = re.compile(r"\bray start\b")
+RAY_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
 
 
 # ----------------------------------------------------------------------------- sources
@@ -411,6 +419,19 @@ def compose_problems(doc: dict[str, Any]) -> list[str]:
                     f"{server_side}={s3_env.get(server_side)!r}"
                 )
 
+    for name in sorted(n for n, s in services.items() if RAY_START.search(_command(s))):
+        env = _environment(services[name])
+        if env.get("RAY_AUTH_MODE") != "token":
+            problems.append(
+                f"compose.yaml: Ray node {name} has RAY_AUTH_MODE={env.get('RAY_AUTH_MODE')!r}, "
+                "not token"
+            )
+        if not re.fullmatch(r"\$\{RAY_AUTH_TOKEN:\?[^}]*\}", env.get("RAY_AUTH_TOKEN", "")):
+            problems.append(
+                f"compose.yaml: Ray node {name} does not take RAY_AUTH_TOKEN from the .env's "
+                f"${{RAY_AUTH_TOKEN:?...}} (found {env.get('RAY_AUTH_TOKEN')!r})"
+            )
+
     for name, service in services.items():
         for variable, value in _environment(service).items():
             if SECRET_NAME.search(variable) and not re.fullmatch(r"\$\{\w+:\?[^}]*\}", value):
@@ -471,10 +492,56 @@ def _break_compose(change) -> list[str]:
         (lambda s: s["mlflow"]["environment"].update(PGPASSWORD="hunter22"), "mlflow PGPASSWORD"),
         (lambda s: s["mlflow"]["depends_on"]["s3"].update(condition="service_healty"),
          "services/mlflow/depends_on: "),  # the Compose spec's enum rejects it, not our rule
+        (lambda s: s["prefect-worker"]["environment"].update(RAY_AUTH_MODE="disabled"),
+         "Ray node prefect-worker has RAY_AUTH_MODE='disabled', not token"),
+        # ray-head and ray-worker share one environment mapping (a YAML alias): give the
+        # broken service its own.
+        (lambda s: s["ray-worker"].update(environment={
+            k: v for k, v in s["ray-worker"]["environment"].items() if k != "RAY_AUTH_TOKEN"}),
+         "Ray node ray-worker does not take RAY_AUTH_TOKEN"),
+        (lambda s: s["ray-head"].update(environment={
+            **s["ray-head"]["environment"], "RAY_AUTH_TOKEN": "${HEAD_TOKEN:?set it}"}),
+         "Ray node ray-head does not take RAY_AUTH_TOKEN"),
+        (lambda s: s["ray-head"].update(command=["ray", "start", "--head", "--block"], environment={}),
+         "Ray node ray-head has RAY_AUTH_MODE=None"),
     ],
 )  # fmt: skip
 def test_a_compose_file_that_breaks_a_rule_fails(change, expected):
     problems = "\n".join(_break_compose(change))
+    assert expected in problems, problems
+
+
+def env_example_problems(compose: str, example: str) -> list[str]:
+    """env.example names every variable compose requires, and leaves the token empty (a
+    token in a committed file is no secret)."""
+    required = set(re.findall(r"\$\{(\w+):\?", compose))
+    values = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", example, re.MULTILINE))
+    problems = [
+        f"env.example does not name {variable}, which compose.yaml requires"
+        for variable in sorted(required - set(values))
+    ]
+    if values.get("RAY_AUTH_TOKEN", "").strip():
+        problems.append("env.example commits a RAY_AUTH_TOKEN")
+    return problems
+
+
+def test_the_compose_env_example_names_every_required_variable():
+    problems = env_example_problems(COMPOSE.read_text(), COMPOSE_ENV_EXAMPLE.read_text())
+    assert "RAY_AUTH_TOKEN" in re.findall(r"\$\{(\w+):\?", COMPOSE.read_text())
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("RAY_AUTH_TOKEN=\n", "", "does not name RAY_AUTH_TOKEN"),
+        ("RAY_AUTH_TOKEN=\n", "RAY_AUTH_TOKEN=0123abcd\n", "commits a RAY_AUTH_TOKEN"),
+    ],
+)
+def test_a_compose_env_example_that_misses_or_commits_the_token_fails(old, new, expected):
+    example = COMPOSE_ENV_EXAMPLE.read_text()
+    assert old in example
+    problems = "\n".join(env_example_problems(COMPOSE.read_text(), example.replace(old, new)))
     assert expected in problems, problems
 
 
