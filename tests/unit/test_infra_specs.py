@@ -630,7 +630,10 @@ def _containers(cluster_spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
 
 def cluster_spec_problems(spec: dict[str, Any], endpoints: dict[str, Any]) -> list[str]:
     """A CPU head, an autoscaled GPU worker group, the project image at the pinned Ray,
-    the stack's variables from the endpoints ConfigMap and the S3 Secret."""
+    the stack's variables from the endpoints ConfigMap and the S3 Secret, Ray token auth
+    through KubeRay's authOptions (KubeRay v1.5.1+: it generates the token Secret and sets
+    RAY_AUTH_MODE and RAY_AUTH_TOKEN in every Ray container, the autoscaler's and the
+    RayJob submitter's, ray-operator/controllers/ray/common/pod.go)."""
     _, exported = stack_constants()
     tag = image_tag(DOCKERFILE.read_text())
     problems = []
@@ -640,6 +643,9 @@ def cluster_spec_problems(spec: dict[str, Any], endpoints: dict[str, Any]) -> li
         )
     if not spec.get("enableInTreeAutoscaling"):
         problems.append("the autoscaler is off (enableInTreeAutoscaling)")
+    auth = spec.get("authOptions") or {}
+    if auth.get("mode") != "token":
+        problems.append(f"Ray token auth is off (authOptions: {auth or None})")
 
     def gpus(group: dict[str, Any]) -> int:
         containers = group["template"]["spec"]["containers"]
@@ -670,6 +676,8 @@ def cluster_spec_problems(spec: dict[str, Any], endpoints: dict[str, Any]) -> li
             problems.append(f"{where}: does not set {variable}")
         for variable in sorted(KUBERAY_SETS & set(env)):
             problems.append(f"{where}: sets {variable}, which KubeRay sets to the head service")
+        for variable in sorted(RAY_AUTH_ENV & set(env)):
+            problems.append(f"{where}: sets {variable}, which KubeRay sets from authOptions")
         for variable, entry in env.items():
             source = entry.get("valueFrom", {})
             if (
@@ -762,6 +770,8 @@ HEAD_CONTAINER = "/spec/headGroupSpec/template/spec/containers/0"
         (f"{HEAD_CONTAINER}/envv", [], "envv: unknown field"),
         ("/metadata/nmae", "x", "/metadata/nmae: not ObjectMeta"),
         ("/spec/managedBy", "ray.io/kuberay-operator", "CEL rules"),
+        ("/spec/authOptions/mode", "on", "'on' is not one of ['disabled', 'token']"),
+        ("/spec/authOptions/mdoe", "token", "authOptions/mdoe: unknown field"),
     ],
 )
 def test_a_broken_raycluster_fails_validation(path, value, expected):
@@ -803,6 +813,9 @@ def _container(spec: dict[str, Any], group: int | None = None) -> dict[str, Any]
         (lambda s: _container(s).update(image="segclip:latest"), "is not <registry>/segclip:"),
         (lambda s: _container(s)["env"].append({"name": "RAY_ADDRESS", "value": "x:1"}), "sets RAY_ADDRESS"),
         (lambda s: _container(s, 1).update(env=[{"name": "AWS_SECRET_ACCESS_KEY", "value": "inline"}]), "AWS_SECRET_ACCESS_KEY does not come from a Secret"),
+        (lambda s: s.pop("authOptions"), "Ray token auth is off (authOptions: None)"),
+        (lambda s: s["authOptions"].update(mode="disabled"), "Ray token auth is off (authOptions: {'mode': 'disabled'})"),
+        (lambda s: _container(s, 0).update(env=[{"name": "RAY_AUTH_MODE", "value": "disabled"}]), "gpu/ray-worker: sets RAY_AUTH_MODE, which KubeRay sets from authOptions"),
     ],
 )  # fmt: skip
 def test_a_cluster_spec_that_breaks_a_rule_fails(change, expected):
