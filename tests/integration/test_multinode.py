@@ -128,18 +128,20 @@ def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster, two_host_
     assert trained.manifest.counts["world_size"] == 2
 
 
-def test_losing_the_worker_host_mid_training_resumes_from_the_last_checkpoint(cluster):
-    workdir = f"s3://{BUCKET}/node-loss"
+def test_losing_the_worker_host_mid_training_resumes_from_the_last_checkpoint(
+    cluster, two_host_run
+):
     steps = 24
+    before = cluster_nodes(cluster)
     trainer = cluster.popen_on(
         cluster.head,
         [
             *SEGCLIP,
-            "run",
+            "train",
             "--profile",
             "tiny",
             *RUN,
-            f"runtime.workdir={workdir}",
+            f"runtime.workdir={TWO_HOSTS}",  # the superpixel shards of the first run
             "train.seed=7",  # its own training key, not the equality run's
             f"train.steps={steps}",
             "runtime.max_failures=3",
@@ -165,11 +167,18 @@ def test_losing_the_worker_host_mid_training_resumes_from_the_last_checkpoint(cl
     assert resumed, output[-3000:]
     # It resumed from a checkpoint (every 2 steps) written before the loss: no step skipped.
     assert 2 <= int(resumed.group(1)) <= killed_at and int(resumed.group(1)) % 2 == 0
-    folders = stage_folders(output)
-    trained = load_result(folders["train"])
+    folder = re.search(rf"^({TWO_HOSTS}/train/\S+)$", output, re.MULTILINE)
+    assert folder, output[-3000:]  # `segclip train` prints its output folder
+    trained = load_result(folder.group(1))
     assert trained.manifest.counts["steps"] == steps
     assert trained.file("model").is_file()
-    assert len(trained.manifest.nodes) == 2
+    # The last worker group ran on the head and the replacement host.
+    now = cluster_nodes(cluster)
+    assert set(trained.manifest.nodes) == now and len(now - before) == 1
+    history = MlflowClient(cluster.tracking_uri).get_metric_history(
+        produced_by(trained.output_dir), "loss/total"
+    )
+    assert {m.step for m in history} == set(range(1, steps + 1))
 
 
 def test_training_on_the_cluster_without_a_tracking_server_names_the_fix(cluster, two_host_run):
