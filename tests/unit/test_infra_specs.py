@@ -908,6 +908,31 @@ def launcher_problems(doc: dict[str, Any]) -> list[str]:
     env_file = f"{project}/{LAUNCHER_ENV_EXAMPLE.relative_to(ROOT).with_suffix('')}"
     if env_file not in setup:
         problems.append(f"cluster.yaml: the setup never reads {env_file}")
+    return problems + launcher_auth_problems(doc, setup)
+
+
+def launcher_auth_problems(doc: dict[str, Any], setup: str) -> list[str]:
+    """Every `ray start` runs with RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH (so its Ray
+    processes and the job drivers they start do too), naming a file the setup writes from
+    cluster.env's RAY_AUTH_TOKEN (the token is in no committed file)."""
+    problems, token_files = [], set()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in doc.get(key, []) if RAY_START.search(c)]
+        if not starts:
+            problems.append(f"cluster.yaml: {key} never runs `ray start`")
+        for command in starts:
+            prefix = command[: RAY_START.search(command).start()]
+            if not re.search(r"\bRAY_AUTH_MODE=token\b", prefix):
+                problems.append(f"cluster.yaml: {key}: `ray start` without RAY_AUTH_MODE=token")
+            path = re.search(r"\bRAY_AUTH_TOKEN_PATH=(\S+)", prefix)
+            if path is None:
+                problems.append(f"cluster.yaml: {key}: `ray start` without RAY_AUTH_TOKEN_PATH")
+            else:
+                token_files.add(path.group(1).strip("\"'").replace("$HOME", "~"))
+    for path in sorted(token_files):
+        written = rf'"\$RAY_AUTH_TOKEN"\s*>\s*{re.escape(path)}(\s|$|\))'
+        if not re.search(written, setup.replace("$HOME", "~")):
+            problems.append(f"cluster.yaml: the setup never writes $RAY_AUTH_TOKEN to {path}")
     return problems
 
 
@@ -921,16 +946,29 @@ def test_the_ray_launcher_config_validates_and_installs_the_pins():
     assert not problems, "\n".join(problems)
 
 
-def test_the_launcher_env_example_names_only_the_stacks_variables():
+def test_the_launcher_env_example_names_only_the_stacks_variables_and_the_token():
     _, exported = stack_constants()
-    names = re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", LAUNCHER_ENV_EXAMPLE.read_text(), re.MULTILINE)
-    assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL"} <= set(names)
-    assert set(names) <= set(exported) - KUBERAY_SETS - CREDENTIALS, names
+    text = LAUNCHER_ENV_EXAMPLE.read_text()
+    names = re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", text, re.MULTILINE)
+    assert {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_AUTH_TOKEN"} <= set(names)
+    assert set(names) <= (set(exported) - KUBERAY_SETS - CREDENTIALS) | {"RAY_AUTH_TOKEN"}, names
+    assert re.search(r"^RAY_AUTH_TOKEN=$", text, re.MULTILINE), "the example commits a token"
 
 
 def _in_setup(old: str, new: str):
     """A change that edits every setup command of a launcher config."""
     return lambda d: d.update(setup_commands=[c.replace(old, new) for c in d["setup_commands"]])
+
+
+def _in_start(node: str, old: str, new: str):
+    """A change that edits the head's or the workers' start commands (and must)."""
+    key = f"{node}_start_ray_commands"
+
+    def change(doc: dict[str, Any]) -> None:
+        assert any(old in c for c in doc[key]), (old, doc[key])
+        doc[key] = [c.replace(old, new) for c in doc[key]]
+
+    return change
 
 
 @pytest.mark.parametrize(
@@ -944,6 +982,12 @@ def _in_setup(old: str, new: str):
         (_in_setup("--no-deps ", ""), "img2dataset is installed without --no-deps"),
         (_in_setup("python3.11 -m venv", "python3.12 -m venv"), "Python 3.12, the Makefile python3.11"),
         (lambda d: d.update(head_start_ray_commands=["ray start --head --dashboard-host=0.0.0.0"]), "dashboard listens beyond its loopback"),
+        (_in_start("head", "RAY_AUTH_MODE=token ", ""), "head_start_ray_commands: `ray start` without RAY_AUTH_MODE=token"),
+        (_in_start("worker", "RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled"), "worker_start_ray_commands: `ray start` without RAY_AUTH_MODE=token"),
+        (_in_start("worker", "RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token ", ""), "worker_start_ray_commands: `ray start` without RAY_AUTH_TOKEN_PATH"),
+        (_in_start("head", "$HOME/.ray/auth_token", "$HOME/.ray/token"), "the setup never writes $RAY_AUTH_TOKEN to ~/.ray/token"),
+        (_in_setup('"$RAY_AUTH_TOKEN" > ~/.ray/auth_token', '"$RAY_AUTH_TOKEN" > ~/.ray/auth_token.new'), "the setup never writes $RAY_AUTH_TOKEN to ~/.ray/auth_token"),
+        (lambda d: d.update(worker_start_ray_commands=["ray stop"]), "worker_start_ray_commands never runs `ray start`"),
     ],
 )  # fmt: skip
 def test_a_broken_launcher_config_fails(change, expected):
