@@ -337,10 +337,10 @@ CHECKS: dict[str, Callable[[Context], Row]] = {
 def run_check(name: str, check: Callable[[Context], Row], ctx: Context) -> Row:
     """One check, its failure caught and summarised; the traceback goes to stderr."""
     start = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     try:
-        ctx.device  # noqa: B018  (every check needs it: a missing GPU fails at once)
+        if ctx.device.type == "cuda":  # resolved first: a missing GPU fails the check at once
+            torch.cuda.init()  # the allocator's statistics exist only once CUDA is initialised
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         row = check(ctx)
     except Exception as error:
         traceback.print_exc()
