@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup test test-fast demo lint bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,5 +42,23 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/eval_speed.py
 
+# The GPU machine (CUDA PyTorch, Python 3.12, no registry, no .venv) lacks some of what
+# benchmarks/gpu_check.py imports: fetch those wheels here, carry gpu_wheels/ along with
+# the tree (64 MiB in all), then run `make gpu-check` there.
+GPU_WHEELS := gpu_wheels
+CARRY_LIMIT_BYTES := 67108864
+
+gpu-wheels:
+	rm -rf $(GPU_WHEELS)
+	$(PYTHON) -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 --no-deps -d $(GPU_WHEELS) -r benchmarks/gpu_wheels.txt
+	@wheels=$$(cat $(GPU_WHEELS)/*.whl | wc -c); tree=$$(git ls-files -z | xargs -0 cat | wc -c); \
+	echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS)/*.whl | wc -l) wheels, $$wheels bytes; with the tree $$((wheels + tree)) of $(CARRY_LIMIT_BYTES)"; \
+	test $$((wheels + tree)) -le $(CARRY_LIMIT_BYTES)
+
+# On the GPU machine: needs only python3 and gpu_wheels/ (ARGS go to the check).
+gpu-check:
+	sh benchmarks/gpu_check.sh $(ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(GPU_WHEELS)

@@ -15,7 +15,6 @@ import argparse
 import os
 import shlex
 import sys
-import time
 from functools import partial
 
 import numpy as np
@@ -34,9 +33,10 @@ from segclip.eval.segment import (
     resize_short_side,
     window_starts,
 )
+from segclip.eval.speed import VOC_SIZE, images_per_second, pixel_agreement, random_images
 from segclip.model import VisionMode, build_model
 
-HEIGHT, WIDTH = 375, 500
+HEIGHT, WIDTH = VOC_SIZE
 
 
 @torch.inference_mode()
@@ -68,28 +68,20 @@ def naive_predict(segmenter: Segmenter, image: np.ndarray) -> np.ndarray:
     return apply_background(scores, segmenter.background_threshold).numpy().astype(np.uint8)
 
 
-def rate(predict, images: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
-    predict(images[0])  # warm-up
-    start = time.perf_counter()
-    labels = [predict(image) for image in images]
-    return len(images) / (time.perf_counter() - start), labels
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profiles", nargs="*", default=["tiny", "paper"])
     parser.add_argument("--images", type=int, default=8)
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8) for _ in range(args.images)]
+    images = random_images(args.images)
     rows = []
     for profile in args.profiles:
         config = load_config(profile, ["model.pretrained=null"])
         torch.manual_seed(0)
         segmenter = Segmenter(build_model(config.model), VOC[1:], PROTOCOLS["segclip"], 0.8)
-        ours, ours_labels = rate(segmenter.predict, images)
-        naive, naive_labels = rate(partial(naive_predict, segmenter), images)
-        agree = np.mean([np.mean(a == b) for a, b in zip(ours_labels, naive_labels, strict=True)])
+        ours, ours_labels = images_per_second(segmenter.predict, images)
+        naive, naive_labels = images_per_second(partial(naive_predict, segmenter), images)
+        agree = pixel_agreement(ours_labels, naive_labels)
         rows.append((profile, ours, naive, agree))
         print(f"done {profile}", file=sys.stderr)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")

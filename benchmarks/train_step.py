@@ -1,9 +1,9 @@
 """Time and memory of one SegCLIP training step (all three losses), with model FLOPs utilisation.
 
-Each case runs in a fresh subprocess so its peak memory is its own. FLOPs are
-counted by torch's FlopCounterMode over one full step (forward + backward);
-utilisation divides the achieved FLOP/s by the matmul peak measured here, on
-the same threads and dtype.
+Each case runs in a fresh subprocess so its peak memory is its own. FLOPs are the
+model's analytic count (segclip/model/flops.py: 3 x the forward's matrix products);
+utilisation divides the achieved FLOP/s by the matmul peak measured here, on the
+same threads and dtype.
 
     python benchmarks/train_step.py                      # all cases
     python benchmarks/train_step.py --cases tiny:fp32    # one case
@@ -18,15 +18,14 @@ import resource
 import shlex
 import subprocess
 import sys
-import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import segclip  # noqa: F401  (torchvision fix before open_clip)
 from segclip.config import load_config
-from segclip.model import CaptionTokenizer, build_model
-from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler
+from segclip.model import build_model
+from segclip.model.flops import train_flops_per_sample
+from segclip.train.speed import benchmark_step, matmul_peak_flops, synthetic_batch, timed_steps
 from segclip.train.step import AUTOCAST_DTYPES
 
 BATCH_SIZES = {"paper": 8, "tiny": 32}
@@ -42,63 +41,21 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """Best sustained FLOP/s of a square matmul: the machine's practical ceiling."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def synthetic_batch(profile: str, batch_size: int) -> tuple:
+def run_case(profile: str, precision: str, steps: int) -> dict:
     config = load_config(profile, ["model.pretrained=null"])  # no hub download
     model = build_model(config.model)
-    size = model.grid[0] * model.patch_size
-    generator = torch.Generator().manual_seed(0)
-    tokens = CaptionTokenizer(config.model)(
-        ["a red square to the left of a blue circle"] * batch_size
-    )
-    batch = Batch(
-        images=torch.randn(batch_size, 3, size, size, generator=generator),
-        tokens=tokens,
-        superpixels=torch.randint(
-            0, 12, (batch_size, model.grid[0] * model.grid[1]), generator=generator
-        ),
-    )
-    return config, model, batch
-
-
-def run_case(profile: str, precision: str, steps: int) -> dict:
-    config, model, batch = synthetic_batch(profile, BATCH_SIZES[profile])
-    train_config = config.train.model_copy(update={"precision": precision})
-    optimizer = build_optimizer(model, train_config)
-    step = TrainStep(
-        model,
-        optimizer,
-        build_scheduler(optimizer, train_config, 1000),
-        loss_config=config.loss,
-        train_config=train_config,
-    )
+    batch_size = BATCH_SIZES[profile]
+    batch = synthetic_batch(model, batch_size)
+    step = benchmark_step(model, config, precision=precision)
     rss_before = _rss_mib()
-    with FlopCounterMode(display=False) as counter:
-        step(batch)  # also the warm-up step
-    flops = counter.get_total_flops()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step(batch)
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = timed_steps(step, batch, warmup=1, steps=steps).median_s
+    flops = batch_size * train_flops_per_sample(model)
     peak = matmul_peak_flops(AUTOCAST_DTYPES[precision] or torch.float32)
     return {
         "case": f"{profile}:{precision}",
-        "batch": BATCH_SIZES[profile],
+        "batch": batch_size,
         "step_s": seconds,
-        "samples_per_s": BATCH_SIZES[profile] / seconds,
+        "samples_per_s": batch_size / seconds,
         "step_gflop": flops / 1e9,
         "achieved_gflops": flops / seconds / 1e9,
         "matmul_peak_gflops": peak / 1e9,

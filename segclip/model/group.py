@@ -35,7 +35,10 @@ class GroupedLinear(nn.Module):
 
 
 class CenterCrossAttention(nn.Module):
-    """Centers attend to [centers, patch tokens] of their own image, then an MLP."""
+    """Centers attend to [centers, patch tokens] of their own image, then an MLP.
+
+    `nn.MultiheadAttention` without weights runs fused `scaled_dot_product_attention`.
+    """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -148,6 +151,8 @@ class SemanticGroup(nn.Module):
         normed = self.ln_tokens(tokens)
         keys = self.ln_key(self.key_proj(normed))
         values = self.value_proj(normed)
+        # Not attention, so no fused kernel: the softmax runs over the centers (dim 1), and
+        # the logits themselves are returned and sampled from.
         logits = query @ keys.transpose(1, 2)  # no 1/sqrt(d) [ref]
         if stochastic:
             hard = straight_through_gumbel(logits, self.gumbel_tau, dim=1)

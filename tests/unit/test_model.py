@@ -1,6 +1,9 @@
+from collections import Counter
+
 import open_clip
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from segclip.losses import segclip_loss
 from segclip.model import CaptionTokenizer, VisionMode, build_model, freeze_parameters
@@ -22,6 +25,32 @@ def test_shapes_of_the_three_vision_modes(tiny_model, tiny_images):
         assert out.patch_index.shape == (batch, patches)
     # [ref]: int(0.25 * (1 + 64)) = 16 tokens, CLS included, so 15 patches.
     assert tiny_model.num_visible_patches == 15
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_every_attention_is_fused_and_the_assignment_is_the_only_softmax(
+    tiny_model, tiny_images, tiny_config
+):
+    """Attention runs as scaled_dot_product_attention (fast on a GPU); only the group
+    module's assignment computes a softmax itself, as it needs the weights [ref]."""
+    tokens = CaptionTokenizer(tiny_config.model)(["a red square"] * len(tiny_images))
+    with OpCounter() as counter:
+        tiny_model(tiny_images, tokens)
+    fused = sum(n for op, n in counter.ops.items() if "scaled_dot_product" in op)
+    # Per vision pass 4 early + 2 cross-attention + 2 late blocks, twice; 2 reconstruction
+    # and 2 decoder blocks; 4 text blocks.
+    assert fused == 2 * (4 + 2 + 2) + 2 + 2 + 4
+    # Per vision pass: the Gumbel sample's softmax and the soft assignment.
+    assert sum(n for op, n in counter.ops.items() if "softmax" in op) == 2 * 2
 
 
 def test_image_token_is_the_max_over_center_tokens(tiny_model, tiny_images):
