@@ -401,6 +401,10 @@ def _start_postgres(state: dict[str, Any]) -> Waiter:
     password_file.unlink()
     with (data / "postgresql.conf").open("a") as conf:
         conf.write(f"\nlisten_addresses = '{host}'\nport = {port}\nunix_socket_directories = ''\n")
+    if not _is_loopback(host):  # the servers, on this host, connect to it there
+        prefix = ipaddress.ip_network(host).prefixlen
+        with (data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"host all {DB_USER} {host}/{prefix} scram-sha-256\n")
     server_log = folder / "postgres.log"
     start = [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(server_log), "-w",
              "-t", str(START_TIMEOUT_S["postgres"]), "start"]  # fmt: skip
