@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -120,21 +120,29 @@ def _save(state: dict[str, Any]) -> None:
 
 
 def client_env(state: Mapping[str, Any]) -> dict[str, str]:
-    """What a client of this stack exports: EXPORTED_ENV plus the region and Ray's token."""
+    """What a client of this stack exports: EXPORTED_ENV plus the region and Ray's token, for
+    the services it runs."""
     host, ports = _url_host(state["host"]), state["ports"]
-    env = {
-        "MLFLOW_TRACKING_URI": f"http://{host}:{ports['mlflow']}",
-        "PREFECT_API_URL": f"http://{host}:{ports['prefect-server']}/api",
-        "RAY_ADDRESS": f"{host}:{ports['ray-head']}",
-        "AWS_ENDPOINT_URL_S3": f"http://{host}:{ports['s3']}",
-        "AWS_ACCESS_KEY_ID": state["secrets"]["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": state["secrets"]["aws_secret_access_key"],
-        "AWS_DEFAULT_REGION": REGION,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(Path(state["state_dir"]) / "ray-auth-token"),
-    }
-    if _is_loopback(state["host"]):
-        env[RAY_LOOPBACK_VARIABLE] = "0"
+    running = state.get("services", SERVICES)
+    env = {}
+    if "mlflow" in running:
+        env["MLFLOW_TRACKING_URI"] = f"http://{host}:{ports['mlflow']}"
+    if "prefect-server" in running:
+        env["PREFECT_API_URL"] = f"http://{host}:{ports['prefect-server']}/api"
+    if "ray-head" in running:
+        env["RAY_ADDRESS"] = f"{host}:{ports['ray-head']}"
+    if "s3" in running:
+        env |= {
+            "AWS_ENDPOINT_URL_S3": f"http://{host}:{ports['s3']}",
+            "AWS_ACCESS_KEY_ID": state["secrets"]["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": state["secrets"]["aws_secret_access_key"],
+            "AWS_DEFAULT_REGION": REGION,
+        }
+    if "ray-head" in running:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(Path(state["state_dir"]) / "ray-auth-token")
+        if _is_loopback(state["host"]):
+            env[RAY_LOOPBACK_VARIABLE] = "0"
     return env
 
 
@@ -343,6 +351,8 @@ def _base_env() -> dict[str, str]:
 
 def _storage_env(state: Mapping[str, Any]) -> dict[str, str]:
     env = client_env(state)
+    if "AWS_ENDPOINT_URL_S3" not in env:
+        return {}  # a part of the stack without the store
     names = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     return {
         **{name: env[name] for name in names},
@@ -609,6 +619,19 @@ assert tuple(STARTERS) == SERVICES
 # Started together where nothing orders them: the servers' migrations overlap.
 PHASES = (("postgres",), ("s3",), ("mlflow", "prefect-server", "ray-head"), ("prefect-worker",))
 assert sorted(name for phase in PHASES for name in phase) == sorted(SERVICES)
+NEEDS = {"mlflow": ("postgres", "s3"), "prefect-server": ("postgres",),
+         "prefect-worker": ("prefect-server",)}  # fmt: skip
+
+
+def _check_services(services: Sequence[str]) -> None:
+    """A part of the stack (a test's tracking server, say) must bring what it runs on."""
+    unknown = sorted(set(services) - set(SERVICES))
+    if unknown:
+        raise StackError(f"unknown services {unknown}: choose from {', '.join(SERVICES)}")
+    for name in services:
+        missing = [need for need in NEEDS.get(name, ()) if need not in services]
+        if missing:
+            raise StackError(f"{name} needs {', '.join(missing)}: add it to the services")
 
 
 def _where(state: Mapping[str, Any], name: str) -> str:
@@ -633,10 +656,13 @@ def up(
     host: str = "127.0.0.1",
     bucket: str = "segclip",
     fixed_ports: bool = False,
+    services: Sequence[str] = SERVICES,
     log: Callable[[str], None] = say,
 ) -> dict[str, str]:
-    """Start every service, a phase's services answering before the next phase starts;
-    returns the client env. On any failure (Ctrl-C included) it stops what it started."""
+    """Start the services (all by default), a phase's services answering before the next
+    phase starts; returns the client env. On any failure (Ctrl-C included) it stops what it
+    started."""
+    _check_services(services)
     folder = Path(state_dir).resolve()
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     previous = read_state(folder)
@@ -653,6 +679,7 @@ def up(
         "state_dir": str(folder),
         "host": host,
         "bucket": bucket,
+        "services": [name for name in SERVICES if name in services],
         "ports": ports,
         "secrets": {
             "db_password": secrets.token_urlsafe(24),
@@ -667,6 +694,9 @@ def up(
     _save(state)
     try:
         for phase in PHASES:
+            phase = tuple(name for name in phase if name in services)
+            if not phase:
+                continue
             began = time.monotonic()
             log(f"starting {', '.join(phase)} ...")
             for name, wait in [(name, STARTERS[name](state)) for name in phase]:
@@ -817,6 +847,11 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--host", default="127.0.0.1", help="address every server binds")
             command.add_argument("--bucket", default="segclip", help="bucket on the S3 store")
             command.add_argument(
+                "--services",
+                default=",".join(SERVICES),
+                help="comma-separated part of the stack to start (default: all of it)",
+            )
+            command.add_argument(
                 "--fixed-ports",
                 action="store_true",
                 help=f"the usual ports ({', '.join(f'{k} {v}' for k, v in FIXED_PORTS.items())})"
@@ -825,7 +860,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "up":
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed `up` cleans up
-        up(args.state, host=args.host, bucket=args.bucket, fixed_ports=args.fixed_ports)
+        up(
+            args.state,
+            host=args.host,
+            bucket=args.bucket,
+            fixed_ports=args.fixed_ports,
+            services=args.services.split(","),
+        )
         print(_exports(read_state(args.state)))
         say(f"stop with: {shlex.join([PYTHON, __file__, 'down', '--state', str(args.state)])}")
         return 0

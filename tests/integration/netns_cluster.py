@@ -1,8 +1,8 @@
 """A two-host Ray cluster on this machine: Linux network namespaces joined by a bridge.
 
-Each host is a network namespace with its own address on a private /24; the bridge's
-address in this (the test's) namespace serves the S3-compatible store and the MLflow
-server, which both hosts reach. Ray runs a head node in one namespace and a worker node in
+Each host is a network namespace with its own address on a private /24; on the bridge's
+address in this (the test's) namespace, infra/local/stack.py runs the S3-compatible store
+and the MLflow server (on PostgreSQL), which both hosts reach. Ray runs a head node in one namespace and a worker node in
 the other, each with one CPU, so a two-worker job has to use both. Everything is torn down
 on exit, whatever happened: the processes of each namespace, the namespaces, the bridge.
 Needs root (as in CI) and iproute2.
@@ -18,16 +18,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.s3_server import CREDENTIALS, aws_credentials, free_port, moto_server
+from tests.infra_stack import load_stack
 
 RAY = str(Path(sys.executable).with_name("ray"))
-MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+SERVERS = ("postgres", "s3", "mlflow")  # the part of the team stack the cluster uses
 START_TIMEOUT_S = 90
 # Fast failure detection: a killed node is declared dead in seconds, not a minute.
 RAY_HEAD_ENV = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
@@ -66,20 +65,20 @@ class Host:
 class Cluster:
     head: Host
     worker: Host
-    gateway: str  # this namespace's address on the cluster network
-    s3_endpoint: str
-    tracking_uri: str
+    servers: dict[str, str]  # the stack's client env: the store and the tracking server
     ray_address: str
     scratch: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.servers["MLFLOW_TRACKING_URI"]
 
     def env(self) -> dict[str, str]:
         """What a driver on the head host needs: the cluster, the store, the tracking server."""
         return {
             **os.environ,
-            **CREDENTIALS,
+            **self.servers,
             "RAY_ADDRESS": self.ray_address,
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "AWS_ENDPOINT_URL_S3": self.s3_endpoint,
             "RAY_USAGE_STATS_ENABLED": "0",
             # Every node and driver of the cluster presents the cluster's token.
             "RAY_AUTH_MODE": "token",
@@ -151,6 +150,11 @@ class Cluster:
             raise RuntimeError(f"the cluster did not reach {count} nodes:\n{probed.stderr[-3000:]}")
 
 
+def _progress(message: str) -> None:
+    """The stack's progress lines: pytest shows the output of a failing test anyway."""
+    print(f"servers: {message}")
+
+
 def _add_host(bridge: str, host: Host, veth: str) -> None:
     _ip("netns", "add", host.namespace)
     _ip("-n", host.namespace, "link", "set", "lo", "up")
@@ -180,52 +184,8 @@ def _network(tag: str, subnet: str) -> Iterator[tuple[Host, Host, str]]:
 
 
 @contextmanager
-def _mlflow_server(host: str, scratch: Path, artifacts: str, s3_endpoint: str) -> Iterator[str]:
-    """An MLflow tracking server on the cluster network; artifacts proxied into the store."""
-    port = free_port(host)
-    log = (scratch / "mlflow.log").open("w")
-    server = subprocess.Popen(
-        [
-            MLFLOW,
-            "server",
-            f"--host={host}",
-            f"--port={port}",
-            f"--backend-store-uri=sqlite:///{scratch / 'mlflow.db'}",
-            f"--artifacts-destination={artifacts}",
-            "--serve-artifacts",
-            "--workers=1",
-        ],
-        env={**os.environ, **CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    uri = f"http://{host}:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(uri + "/health", timeout=1)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start on {uri}") from None
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
-
-@contextmanager
 def netns_cluster(bucket: str) -> Iterator[Cluster]:
     """The two hosts, the store (with `bucket`), the tracking server, and Ray on both hosts."""
-    import s3fs
-
     tag = str(os.getpid() % 100000)
     subnet = f"10.231.{os.getpid() % 250}"
     scratch = Path(tempfile.mkdtemp(prefix="sc", dir="/tmp"))  # short: Ray's socket paths
@@ -233,18 +193,15 @@ def netns_cluster(bucket: str) -> Iterator[Cluster]:
         stack.callback(shutil.rmtree, scratch, ignore_errors=True)
         (scratch / "ray_token").write_text(secrets.token_hex(32))
         head, worker, gateway = stack.enter_context(_network(tag, subnet))
-        s3_endpoint = stack.enter_context(moto_server(gateway))
-        with aws_credentials():
-            s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir(bucket)
-        tracking = stack.enter_context(
-            _mlflow_server(gateway, scratch, f"s3://{bucket}/mlflow", s3_endpoint)
+        servers = stack.enter_context(
+            load_stack().running(
+                scratch / "servers", host=gateway, bucket=bucket, services=SERVERS, log=_progress
+            )
         )
         cluster = Cluster(
             head=head,
             worker=worker,
-            gateway=gateway,
-            s3_endpoint=s3_endpoint,
-            tracking_uri=tracking,
+            servers=servers,
             ray_address=f"{head.address}:6379",
             scratch=scratch,
         )

@@ -1,9 +1,7 @@
-"""A real S3-compatible server (moto in server mode) on 127.0.0.1 or a test network, for
-storage tests."""
+"""A real S3-compatible server (moto in server mode) on 127.0.0.1, for storage tests."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,22 +19,22 @@ CREDENTIALS = {
 START_TIMEOUT_S = 30
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port() -> int:
     with socket.socket() as probe:
-        probe.bind((host, 0))
+        probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
 @contextmanager
-def moto_server(host: str = "127.0.0.1") -> Iterator[str]:
-    """Start moto on a free port of `host`; yields its endpoint URL; stops it in any case."""
-    port = free_port(host)
+def moto_server() -> Iterator[str]:
+    """Start moto on a free loopback port; yields its endpoint URL; stops it in any case."""
+    port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    endpoint = f"http://{host}:{port}"
+    endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
@@ -54,19 +52,3 @@ def moto_server(host: str = "127.0.0.1") -> Iterator[str]:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
-
-
-@contextmanager
-def aws_credentials() -> Iterator[None]:
-    """The test credentials in this process's environment (s3fs and boto3 read them there)
-    for the block; the previous values come back afterwards."""
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -24,7 +24,6 @@ from pipelines.train_worker import RESUMED
 from segclip.manifest import load_result
 from segclip.tracking import produced_by
 from tests.integration.netns_cluster import Cluster, netns_cluster
-from tests.integration.s3_server import CREDENTIALS, aws_credentials
 from tests.integration.tiny_run import SEGCLIP, TINY_RUN, stage_folders
 
 pytestmark = [
@@ -46,12 +45,10 @@ RUN_TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def cluster():
-    with netns_cluster(BUCKET) as started, aws_credentials():
-        os.environ["AWS_ENDPOINT_URL_S3"] = started.s3_endpoint  # this test's own reads
-        try:
-            yield started
-        finally:
-            os.environ.pop("AWS_ENDPOINT_URL_S3")
+    with netns_cluster(BUCKET) as started, pytest.MonkeyPatch.context() as patch:
+        for name, value in started.servers.items():  # this test's own reads of the store
+            patch.setenv(name, value)
+        yield started
 
 
 def cluster_nodes(cluster: Cluster) -> set[str]:
@@ -99,7 +96,7 @@ def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster, two_host_
         assert set(load_result(folders[stage]).manifest.nodes) == nodes, stage
 
     # One host: a local Ray on this machine (same CPUs per worker, one torch thread each).
-    one_host = {**os.environ, **CREDENTIALS, "MLFLOW_TRACKING_URI": cluster.tracking_uri}
+    one_host = {**os.environ, **cluster.servers}
     one_host.pop("RAY_ADDRESS", None)
     one_host["OMP_NUM_THREADS"] = "1"  # evaluation in the driver rounds as each actor does
     local = subprocess.run(

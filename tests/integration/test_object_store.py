@@ -17,7 +17,7 @@ import s3fs
 from segclip.config import load_config
 from segclip.manifest import load_result
 from segclip.storage import StorageError, check_writable, location
-from tests.integration.s3_server import CREDENTIALS, aws_credentials, free_port, moto_server
+from tests.integration.s3_server import CREDENTIALS, free_port, moto_server
 from tests.integration.tiny_run import SEGCLIP, TINY_RUN, stage_folders
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,9 @@ RUN = [*TINY_RUN, "runtime.checkpoint_every=2"]
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with moto_server() as url, aws_credentials():
+    with moto_server() as url, pytest.MonkeyPatch.context() as patch:
+        for name, value in CREDENTIALS.items():
+            patch.setenv(name, value)
         s3fs.S3FileSystem.clear_instance_cache()  # no client of an earlier server
         s3fs.S3FileSystem(endpoint_url=url).mkdir(BUCKET)
         try:

@@ -10,7 +10,6 @@ flow run with the stage's own message.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -21,13 +20,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from pipelines.registry import STAGE_NAMES
-from tests.integration.test_object_store import stage_folders
-from tests.integration.tiny_run import TINY_RUN
+from tests.infra_stack import load_stack
+from tests.integration.tiny_run import TINY_RUN, stage_folders
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +38,6 @@ RUN = [f"runtime.workdir={WORKDIR}", *TINY_RUN]
 RUN_TIMEOUT_S = 900
 CLI_TIMEOUT_S = 300
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def load_stack() -> ModuleType:
-    """infra/ is not a package: the stack script is imported by its path."""
-    spec = importlib.util.spec_from_file_location("team_stack", ROOT / "infra/local/stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 stack = load_stack()

@@ -30,6 +30,7 @@ from packaging.specifiers import SpecifierSet
 
 from segclip.cli import add_config_arguments
 from segclip.config import ConfigError, load_config
+from tests.infra_stack import load_stack
 
 ROOT = Path(__file__).parents[2]
 INFRA = ROOT / "infra"
@@ -74,9 +75,7 @@ def _read_yaml(path: Path) -> Any:
 @cache
 def stack_constants() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """SERVICES and EXPORTED_ENV of infra/local/stack.py (infra/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("_infra_local_stack", INFRA / "local/stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_stack()
     return tuple(module.SERVICES), tuple(module.EXPORTED_ENV)
 
 
