@@ -14,12 +14,13 @@ from segclip.storage import is_local, storage_environment
 
 PROBE_TIMEOUT_S = 5.0
 # Ray Train's placement-group cleaner polls the State API once a second; that API lives in
-# the dashboard, which a local Ray here runs without, so each poll would log a warning.
+# the dashboard, which a local Ray here (and a head started without it) runs without, so
+# each poll would log a warning.
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def quiet_placement_group_cleaner() -> None:
-    """Worker setup hook of a local Ray: the cleaner's State API polls cannot succeed there."""
+    """Worker setup hook: without a dashboard the cleaner's State API polls cannot succeed."""
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
@@ -52,20 +53,16 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     target = ray_address(address)
-    # Workers reach the same object stores as this process (endpoint and credentials).
-    env_vars = storage_environment()
+    runtime_env = {
+        "worker_process_setup_hook": quiet_placement_group_cleaner,
+        # Workers reach the same object stores as this process (endpoint and credentials).
+        "env_vars": storage_environment(),
+    }
     if target is None:
-        ray.init(
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={
-                "worker_process_setup_hook": quiet_placement_group_cleaner,
-                "env_vars": env_vars,
-            },
-        )
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
         return
     _check_reachable(target)
-    ray.init(address=target, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
+    ray.init(address=target, logging_level=logging.WARNING, runtime_env=runtime_env)
 
 
 def node_id() -> str:
