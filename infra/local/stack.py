@@ -636,15 +636,16 @@ def _check_services(services: Sequence[str]) -> None:
 
 def _where(state: Mapping[str, Any], name: str) -> str:
     env, ports = client_env(state), state["ports"]
-    return {
+    where = {  # env has the variables of the running services only
         "postgres": f"{_url_host(state['host'])}:{ports['postgres']} (databases "
         f"{', '.join(DATABASES)})",
-        "s3": f"{env['AWS_ENDPOINT_URL_S3']} (bucket {state['bucket']})",
-        "mlflow": env["MLFLOW_TRACKING_URI"],
-        "prefect-server": env["PREFECT_API_URL"],
+        "s3": f"{env.get('AWS_ENDPOINT_URL_S3')} (bucket {state['bucket']})",
+        "mlflow": env.get("MLFLOW_TRACKING_URI"),
+        "prefect-server": env.get("PREFECT_API_URL"),
         "prefect-worker": f"pool {POOL}, flows from {ROOT}",
-        "ray-head": env["RAY_ADDRESS"],
-    }[name]
+        "ray-head": env.get("RAY_ADDRESS"),
+    }
+    return str(where[name])
 
 
 # --- up / down ---------------------------------------------------------------------------

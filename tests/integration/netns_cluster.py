@@ -226,3 +226,20 @@ def netns_cluster(bucket: str) -> Iterator[Cluster]:
             raise RuntimeError(f"ray head did not start:\n{started.stderr[-3000:]}")
         cluster.start_worker_node()
         yield cluster
+    left = _leftovers(tag, scratch)
+    if left:
+        raise RuntimeError(f"the cluster left behind: {left}")
+
+
+def _leftovers(tag: str, scratch: Path) -> list[str]:
+    """What a torn-down cluster must not leave: namespaces, the bridge, processes, files."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    left = [line.split()[0] for line in listed.splitlines() if line.startswith(f"sc{tag}-")]
+    left += [f"scbr{tag}"] if f"scbr{tag}:" in links else []
+    for entry in Path("/proc").iterdir():  # Ray's processes name their temp folder
+        with suppress(OSError):
+            named = str(scratch).encode() in (entry / "cmdline").read_bytes()
+            if entry.name.isdigit() and named and int(entry.name) != os.getpid():
+                left.append(f"process {entry.name}")
+    return left + ([str(scratch)] if scratch.exists() else [])
