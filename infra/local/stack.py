@@ -129,8 +129,6 @@ def client_env(state: Mapping[str, Any]) -> dict[str, str]:
         env["MLFLOW_TRACKING_URI"] = f"http://{host}:{ports['mlflow']}"
     if "prefect-server" in running:
         env["PREFECT_API_URL"] = f"http://{host}:{ports['prefect-server']}/api"
-    if "ray-head" in running:
-        env["RAY_ADDRESS"] = f"{host}:{ports['ray-head']}"
     if "s3" in running:
         env |= {
             "AWS_ENDPOINT_URL_S3": f"http://{host}:{ports['s3']}",
@@ -139,6 +137,7 @@ def client_env(state: Mapping[str, Any]) -> dict[str, str]:
             "AWS_DEFAULT_REGION": REGION,
         }
     if "ray-head" in running:
+        env["RAY_ADDRESS"] = f"{host}:{ports['ray-head']}"
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(Path(state["state_dir"]) / "ray-auth-token")
         if _is_loopback(state["host"]):

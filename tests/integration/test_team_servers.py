@@ -25,7 +25,7 @@ import pytest
 
 from pipelines.registry import STAGE_NAMES
 from tests.infra_stack import load_stack
-from tests.integration.tiny_run import TINY_RUN, stage_folders
+from tests.integration.tiny_run import SEGCLIP, TINY_RUN, stage_folders
 
 pytestmark = pytest.mark.slow
 
@@ -84,10 +84,7 @@ def run(
 
 
 def segclip(team: Team, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """The installed `segclip` command (this checkout first on the path)."""
-    script = Path(sys.executable).with_name("segclip")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "flows.cli"]
-    return run(team, [*command, *args], cwd=cwd, timeout=RUN_TIMEOUT_S)
+    return run(team, [*SEGCLIP, *args], cwd=cwd, timeout=RUN_TIMEOUT_S)
 
 
 def prefect(team: Team, *args: str) -> subprocess.CompletedProcess:
