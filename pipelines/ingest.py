@@ -11,63 +11,138 @@ path may be a local path or an fsspec URL: img2dataset writes through fsspec.
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from upath import UPath
+from webdataset.tariterators import base_plus_ext
 
 from pipelines.ray_runtime import connect, node_ip, ray_address
-from segclip.config import ConfigError, SegCLIPConfig
+from segclip.config import ConfigError, IngestConfig, SegCLIPConfig
 from segclip.data.demo_data import demo_data_key, write_demo_source
+from segclip.data.http_deadline import DEADLINE_EXCEEDED
+from segclip.data.images import REJECTIONS, SizePolicy, StoreRule
 from segclip.data.serve import serve_directory
-from segclip.data.shards import IMAGE_EXTENSIONS
+from segclip.data.url_lists import Pairs, read_pairs, write_url_list
 from segclip.manifest import DataRef, ShardRef, file_ref, json_digest
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import atomic_write, fingerprint, local_folder, location
 
 SHARD_DIR = "shards"
 URL_LIST = "urls.parquet"
+REJECTED_LIST = "rejected.parquet"  # list rows set aside before downloading, with reasons
+FAILURES_FILE = "failures.parquet"  # every requested row that is not a sample, with its reason
+ROW_COLUMNS = ["key", "url", "caption", "status", "error_message", "sha256"]
+REASONS = {*REJECTIONS, DEADLINE_EXCEEDED, "unreadable_shard_tail"}
+HASH = "sha256"
 KARPATHY_FILE = "dataset_coco.json"
 
-# img2dataset's error messages -> failure reasons; the first match wins.
-FAILURE_REASONS: tuple[tuple[re.Pattern[str], str], ...] = (
+# Download errors (img2dataset records the exception text) -> failure reasons; first match wins.
+DOWNLOAD_ERRORS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"infinite loop|redirect"), "redirect_loop"),
     (re.compile(r"HTTP Error (\d+)"), "http_{0}"),
     (re.compile(r"Connection refused"), "connection_refused"),
+    (re.compile(r"Connection reset|Remote end closed|BadStatusLine"), "connection_broken"),
+    (re.compile(r"IncompleteRead"), "incomplete_body"),
+    (re.compile(r"Name or service not known|getaddrinfo|nodename|No address"), "unresolved_host"),
+    (re.compile(r"No route to host|Network is unreachable"), "unreachable_host"),
+    (re.compile(r"CERTIFICATE|SSL|TLS"), "tls_error"),
     (re.compile(r"timed out|[Tt]imeout"), "timeout"),
-    (re.compile(r"Name or service not known|getaddrinfo|nodename"), "unresolved_host"),
-    (re.compile(r"Image decoding error|cannot identify image"), "not_an_image"),
-    (re.compile(r"hash mismatch"), "hash_mismatch"),
+    (re.compile(r"unknown url type|no host given"), "bad_url"),
+    (re.compile(r"X-Robots-Tag"), "refused_by_x_robots_tag"),
 )
 
 
 def failure_reason(status: str, message: str | None) -> str:
-    """A short, stable reason for one failed img2dataset row."""
-    for pattern, reason in FAILURE_REASONS:
+    """A short, stable reason for one failed row: the image rule's own reasons pass
+    through, library text is mapped, and anything unknown gets its stage's generic one."""
+    if message in REASONS:
+        return message
+    for pattern, reason in DOWNLOAD_ERRORS:
         if message and (match := pattern.search(message)):
             return reason.format(*match.groups())
-    return status
+    return "download_error" if status == "failed_to_download" else "undecodable_image"
 
 
-def collect_shards(output_dir: UPath) -> StageOutput:
-    """Counts, failures by reason and shard list of the finished img2dataset shards."""
-    failures, shards = Counter[str](), []
-    for stats in sorted((output_dir / SHARD_DIR).glob("*_stats.json")):
-        shard_id = stats.name.removesuffix("_stats.json")
-        with (output_dir / SHARD_DIR / f"{shard_id}.parquet").open("rb") as table_file:
-            table = pd.read_parquet(table_file, columns=["status", "error_message"])
-        ok = table["status"] == "success"
-        failures.update(failure_reason(s, m) for s, m in table[~ok].itertuples(index=False))
-        if ok.any():
-            shards.append(ShardRef(path=f"{SHARD_DIR}/{shard_id}.tar", samples=int(ok.sum())))
-    return _summary(shards, failures)
+def store_rule(ingest: IngestConfig) -> StoreRule:
+    return StoreRule(
+        image_size=ingest.image_size,
+        resize_mode=ingest.resize_mode,
+        quality=ingest.encode_quality,
+        policy=SizePolicy(
+            min_side=ingest.min_image_size,
+            max_pixels=ingest.max_image_pixels,
+            max_aspect_ratio=ingest.max_aspect_ratio,
+        ),
+    )
+
+
+def _shard_rows(output_dir: UPath) -> pd.DataFrame:
+    """Every row of every finished shard: its shard id, key, url, caption, status, reason."""
+    from pipelines.img2dataset_job import done_shards
+
+    folder = output_dir / SHARD_DIR
+    tables = []
+    for shard_id in sorted(done_shards(str(folder))):
+        with (folder / f"{shard_id:05d}.parquet").open("rb") as table_file:
+            table = pd.read_parquet(table_file, columns=ROW_COLUMNS)
+        tables.append(table.assign(shard=shard_id))
+    return (
+        pd.concat(tables, ignore_index=True)
+        if tables
+        else pd.DataFrame(columns=[*ROW_COLUMNS, "shard"])
+    )
+
+
+def _drop_members(shard: UPath, keys: set[str]) -> None:
+    """Rewrite a shard without the samples of `keys`; a shard without them is left as is."""
+    with shard.open("rb") as stream, tarfile.open(fileobj=stream) as tar:
+        members = tar.getmembers()
+        if not any(base_plus_ext(m.name)[0] in keys for m in members):
+            return
+        with atomic_write(shard) as scratch, tarfile.open(scratch, "w") as out:
+            for member in members:
+                if base_plus_ext(member.name)[0] not in keys:
+                    out.addfile(member, tar.extractfile(member))
+
+
+def collect_shards(output_dir: UPath, *, dedup_content: bool) -> StageOutput:
+    """Counts, failures by reason and shard list of the finished shards; every row that
+    did not become a sample is written to failures.parquet with its reason. With content
+    de-duplication, a sample whose source bytes an earlier key already had is removed."""
+    rows = _shard_rows(output_dir).sort_values("key", kind="stable")
+    ok = rows["status"] == "success"
+    rows["reason"] = [
+        None if success else failure_reason(status, message)
+        for success, status, message in zip(ok, rows["status"], rows["error_message"], strict=True)
+    ]
+    if dedup_content:
+        repeated = ok & rows[HASH].notna() & rows[HASH].duplicated()
+        rows.loc[repeated, "reason"] = "duplicate_content"
+        for shard_id, keys in rows[repeated].groupby("shard")["key"]:
+            _drop_members(output_dir / SHARD_DIR / f"{shard_id:05d}.tar", set(keys))
+    failed = rows[rows["reason"].notna()][["url", "caption", "reason"]]
+    rejected_file = output_dir / "source" / REJECTED_LIST
+    if rejected_file.exists():
+        with rejected_file.open("rb") as stream:
+            failed = pd.concat([pd.read_parquet(stream), failed], ignore_index=True)
+    with atomic_write(output_dir / FAILURES_FILE) as scratch:
+        failed.reset_index(drop=True).to_parquet(scratch, index=False)
+    samples = rows[rows["reason"].isna()].groupby("shard").size()
+    shards = [
+        ShardRef(path=f"{SHARD_DIR}/{shard_id:05d}.tar", samples=int(count))
+        for shard_id, count in samples.items()
+    ]
+    return _summary(shards, Counter(failed["reason"]))
 
 
 def _summary(shards: list[ShardRef], failures: Counter[str]) -> StageOutput:
@@ -98,60 +173,33 @@ def _serving_host(config: SegCLIPConfig) -> str:
     return node_ip()
 
 
-def download(
-    config: SegCLIPConfig,
-    output_dir: UPath,
-    *,
-    url_list: str,
-    input_format: str,
-    url_column: str,
-    caption_column: str,
-) -> StageOutput:
-    """Run img2dataset into `<output_dir>/shards`, keeping shards a previous run finished."""
-    import img2dataset  # heavy (pandas, cv2, albumentations): only when downloading
+def _download(config: SegCLIPConfig, output_dir: UPath, pairs: Iterable[Pairs]) -> StageOutput:
+    """Clean the pairs into the stage's own url list (rewritten each run: served URLs carry
+    this run's port), then download it; shards a previous run finished are kept."""
+    from pipelines.img2dataset_job import download_list  # img2dataset is heavy: only here
 
     ingest, runtime = config.ingest, config.runtime
+    with (
+        atomic_write(output_dir / "source" / URL_LIST) as url_list,
+        atomic_write(output_dir / "source" / REJECTED_LIST) as rejected,
+    ):
+        write_url_list(pairs, url_list, rejected, dedup_urls="url" in ingest.dedup)
     distributor = _distributor(config)
     if distributor == "ray":
         connect(runtime.ray_address)
-    img2dataset.download(
-        url_list=url_list,
-        input_format=input_format,
-        url_col=url_column,
-        caption_col=caption_column,
-        output_format="webdataset",
-        output_folder=str(output_dir / SHARD_DIR),
-        image_size=ingest.image_size,
-        resize_mode=ingest.resize_mode,
-        encode_format="jpg",
-        encode_quality=ingest.encode_quality,
-        number_sample_per_shard=ingest.samples_per_shard,
-        retries=ingest.retries,
+    download_list(
+        str(output_dir / "source" / URL_LIST),
+        str(output_dir / SHARD_DIR),
+        rule=store_rule(ingest),
+        samples_per_shard=ingest.samples_per_shard,
+        threads=runtime.ingest_threads,
         timeout=ingest.timeout,
-        processes_count=runtime.ingest_processes,
-        thread_count=runtime.ingest_threads,
+        deadline=ingest.download_deadline,
+        retries=ingest.retries,
         distributor=distributor,
-        incremental_mode="incremental",
-        enable_wandb=False,
+        processes=runtime.ingest_processes,
     )
-    return collect_shards(output_dir)
-
-
-def download_pairs(
-    config: SegCLIPConfig, output_dir: UPath, urls: list[str], captions: list[str]
-) -> StageOutput:
-    """Write (url, caption) pairs as the stage's own url list, then download it."""
-    url_list = output_dir / "source" / URL_LIST
-    with atomic_write(url_list) as tmp:
-        pq.write_table(pa.table({"url": urls, "caption": captions}), tmp)
-    return download(
-        config,
-        output_dir,
-        url_list=str(url_list),
-        input_format="parquet",
-        url_column="url",
-        caption_column="caption",
-    )
+    return collect_shards(output_dir, dedup_content="content" in ingest.dedup)
 
 
 def _list_format(config: SegCLIPConfig) -> str:
@@ -166,14 +214,15 @@ def _list_format(config: SegCLIPConfig) -> str:
     return suffix
 
 
-def _read_delimited(path: UPath, input_format: str, columns: Sequence[str] | None, **kwargs):
-    with path.open("rb") as stream:
-        return pd.read_csv(
+def _list_pairs(config: SegCLIPConfig) -> Iterator[Pairs]:
+    ingest = config.ingest
+    with location(ingest.path).open("rb") as stream:
+        yield from read_pairs(
             stream,
-            sep="\t" if input_format == "tsv" else ",",
-            header=None if columns else 0,
-            names=list(columns) if columns else None,
-            **kwargs,
+            input_format=_list_format(config),
+            url_column=ingest.url_column,
+            caption_column=ingest.caption_column,
+            columns=ingest.columns,
         )
 
 
@@ -181,7 +230,13 @@ def _list_columns(config: SegCLIPConfig, path: UPath, input_format: str) -> list
     if input_format == "parquet":
         with path.open("rb") as stream:
             return pq.read_schema(stream).names
-    return list(_read_delimited(path, input_format, config.ingest.columns, nrows=0).columns)
+    if config.ingest.columns:
+        return list(config.ingest.columns)
+    with path.open("rb") as stream:
+        return pacsv.open_csv(
+            stream,
+            parse_options=pacsv.ParseOptions(delimiter="\t" if input_format == "tsv" else ","),
+        ).schema.names
 
 
 def _require_path(config: SegCLIPConfig, expected: str) -> UPath:
@@ -210,24 +265,7 @@ def _url_list_inputs(config: SegCLIPConfig) -> list[DataRef]:
 
 
 def _ingest_url_list(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
-    ingest, path, input_format = config.ingest, location(config.ingest.path), _list_format(config)
-    if ingest.columns and input_format != "parquet":
-        # img2dataset expects a header row: a headerless list is rewritten with named columns.
-        table = _read_delimited(path, input_format, ingest.columns, dtype=str)
-        return download_pairs(
-            config,
-            output_dir,
-            table[ingest.url_column].tolist(),
-            table[ingest.caption_column].fillna("").tolist(),
-        )
-    return download(
-        config,
-        output_dir,
-        url_list=str(path),
-        input_format=input_format,
-        url_column=ingest.url_column,
-        caption_column=ingest.caption_column,
-    )
+    return _download(config, output_dir, _list_pairs(config))
 
 
 def _ingest_demo(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
@@ -237,7 +275,7 @@ def _ingest_demo(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
         table = pq.read_table(write_demo_source(scenes, config.demo))
         with serve_directory(scenes, host=_serving_host(config)) as base:
             urls = [base + name for name in table["file"].to_pylist()]
-            return download_pairs(config, output_dir, urls, table["caption"].to_pylist())
+            return _download(config, output_dir, [(urls, table["caption"].to_pylist())])
 
 
 def _coco_inputs(config: SegCLIPConfig) -> list[DataRef]:
@@ -275,14 +313,21 @@ def _ingest_coco(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
             for sentence in image["sentences"]:
                 urls.append(url)
                 captions.append(sentence["raw"].strip())
-        return download_pairs(config, output_dir, urls, captions)
+        return _download(config, output_dir, [(urls, captions)])
 
 
 def _shard_files(config: SegCLIPConfig) -> list[UPath]:
-    folder = _require_path(config, "a folder of webdataset .tar shards")
-    shards = sorted(folder.glob("*.tar"))
+    """The shards a folder holds (`*.tar`), or those a folder/pattern names (`cc3m-*.tar`)."""
+    path = location(config.ingest.path)
+    if glob.has_magic(path.name):
+        shards = sorted(path.parent.glob(path.name))
+    else:
+        shards = sorted(_require_path(config, "a folder of webdataset .tar shards").glob("*.tar"))
     if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}; point ingest.path at the shards")
+        raise FileNotFoundError(
+            f"no .tar shards at {path}; point ingest.path at a folder of shards or at a "
+            "pattern such as hf://datasets/OWNER/NAME/train-*.tar"
+        )
     return shards
 
 
@@ -291,37 +336,28 @@ def _shards_inputs(config: SegCLIPConfig) -> list[DataRef]:
     return [DataRef(url=str(location(config.ingest.path)), digest=json_digest(listing))]
 
 
-def _sample_members(shard: UPath) -> dict[str, set[str]]:
-    """Extensions per sample key, read from tar headers only."""
-    members: dict[str, set[str]] = {}
-    try:
-        with shard.open("rb") as stream, tarfile.open(fileobj=stream) as tar:
-            for info in tar:
-                if info.isfile() and "." in (name := Path(info.name).name):
-                    key, extension = name.split(".", 1)
-                    members.setdefault(str(Path(info.name).parent / key), set()).add(extension)
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise ValueError(
-            f"{shard} is not a readable tar shard ({error}); re-download it or remove it "
-            "from the folder"
-        ) from None
-    return members
+def _convert_shards(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
+    """Read each existing shard as a stream and store its samples by the same rule as a
+    download (one output shard per input shard; finished ones are kept on a rerun)."""
+    from pipelines.img2dataset_job import ShardConverter, done_shards, run_job
 
-
-def _adopt_shards(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
-    """Validate existing shards and reference them where they are, without copying."""
-    failures, shards = Counter[str](), []
-    for shard in _shard_files(config):
-        usable = 0
-        for extensions in _sample_members(shard).values():
-            if not extensions & set(IMAGE_EXTENSIONS):
-                failures["missing_image"] += 1
-            elif "txt" not in extensions:
-                failures["missing_caption"] += 1
-            else:
-                usable += 1
-        shards.append(ShardRef(path=str(shard), samples=usable))
-    return _summary(shards, failures)
+    ingest, folder = config.ingest, str(output_dir / SHARD_DIR)
+    finished = done_shards(folder)
+    rows = [(i, str(s)) for i, s in enumerate(_shard_files(config)) if i not in finished]
+    distributor = _distributor(config)
+    if distributor == "ray":
+        connect(config.runtime.ray_address)
+    converter = ShardConverter(
+        rule=store_rule(ingest), shard_folder=folder, samples_per_shard=ingest.samples_per_shard
+    )
+    run_job(
+        converter,
+        rows,
+        shard_folder=folder,
+        distributor=distributor,
+        processes=config.runtime.ingest_processes,
+    )
+    return collect_shards(output_dir, dedup_content="content" in ingest.dedup)
 
 
 @dataclass(frozen=True)
@@ -335,7 +371,7 @@ SOURCES: dict[str, IngestSource] = {
     "demo": IngestSource(lambda config: [], _ingest_demo, uses_demo=True),
     "urls": IngestSource(_url_list_inputs, _ingest_url_list),
     "coco": IngestSource(_coco_inputs, _ingest_coco),
-    "shards": IngestSource(_shards_inputs, _adopt_shards),
+    "shards": IngestSource(_shards_inputs, _convert_shards),
 }
 
 

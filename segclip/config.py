@@ -202,8 +202,31 @@ class IngestConfig(_Section):
     resize_mode: Literal["keep_ratio", "center_crop", "border", "no"] = "keep_ratio"
     encode_quality: int = Field(95, ge=1, le=100)
     samples_per_shard: int = Field(10000, ge=1)
+    min_image_size: int = Field(
+        32, ge=1, description="source images with a shorter side below this are left out"
+    )
+    max_image_pixels: int = Field(
+        80_000_000,
+        ge=1,
+        le=89_478_485,  # Pillow refuses larger images as decompression bombs
+        description="source images with more pixels are left out, before decoding",
+    )
+    max_aspect_ratio: float = Field(
+        10.0,
+        ge=1.0,
+        description="source images whose longer side exceeds the shorter by more are left "
+        "out; with keep_ratio this also bounds the stored longer side",
+    )
+    dedup: tuple[Literal["url", "content"], ...] = Field(
+        (),
+        description="drop repeated urls (before downloading) and repeated image bytes "
+        "(after), keeping the first; each counted",
+    )
     retries: int = Field(2, ge=0)
-    timeout: int = Field(10, ge=1, description="seconds per download")
+    timeout: int = Field(10, ge=1, description="seconds each network read may wait")
+    download_deadline: int = Field(
+        60, ge=1, description="seconds a whole download may take (a trickled body stops)"
+    )
 
     @model_validator(mode="after")
     def _check_path(self) -> IngestConfig:

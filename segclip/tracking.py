@@ -185,11 +185,13 @@ def fail_stage_run(tracked: TrackedRun) -> None:
 
 
 def finish_stage_run(tracked: TrackedRun, result: StageResult) -> None:
-    """The counts as metrics and the manifest as an artifact; the run is FINISHED."""
-    counts = {f"count/{name}": value for name, value in result.manifest.counts.items()}
-    log_metrics(tracked.client, tracked.run_id, counts, step=0)
-    with local_copy(result.output_dir / MANIFEST_NAME) as manifest:
-        tracked.client.log_artifact(tracked.run_id, str(manifest))
+    """Counts and failures by reason as metrics, the manifest as an artifact; FINISHED."""
+    manifest = result.manifest
+    metrics = {f"count/{name}": value for name, value in manifest.counts.items()}
+    metrics |= {f"failed/{reason}": value for reason, value in manifest.failures.items()}
+    log_metrics(tracked.client, tracked.run_id, metrics, step=0)
+    with local_copy(result.output_dir / MANIFEST_NAME) as manifest_file:
+        tracked.client.log_artifact(tracked.run_id, str(manifest_file))
     tracked.client.set_terminated(tracked.run_id)
 
 

@@ -10,7 +10,6 @@ rank's share, an endless stream for step-based training.
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -27,6 +25,7 @@ from segclip.clip_architecture import describe_clip
 from segclip.config import SegCLIPConfig
 from segclip.data.augment import paired_random_resized_crop
 from segclip.data.batch import Batch
+from segclip.data.images import display_rgb, open_image
 from segclip.data.shards import LABEL_MEMBER, decode_label_map, image_member
 from segclip.data.superpixels import patch_superpixel_ids
 from segclip.data.transforms import normalize_images
@@ -106,14 +105,14 @@ class TrainingSample:
         return CaptionTokenizer(self.model_config)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
-        with Image.open(io.BytesIO(sample[image_member(sample)])) as image:
-            crop, labels = paired_random_resized_crop(
-                image.convert("RGB"),
-                decode_label_map(sample[LABEL_MEMBER]),
-                self.image_size,
-                scale=self.data.crop_scale,
-                ratio=self.data.crop_ratio,
-            )
+        # decoded as the superpixel stage decoded it, so the label map lines up
+        crop, labels = paired_random_resized_crop(
+            display_rgb(open_image(sample[image_member(sample)])),
+            decode_label_map(sample[LABEL_MEMBER]),
+            self.image_size,
+            scale=self.data.crop_scale,
+            ratio=self.data.crop_ratio,
+        )
         return {
             "__key__": sample["__key__"],
             "image": np.asarray(crop),

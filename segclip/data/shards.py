@@ -21,11 +21,11 @@ from upath import UPath
 from webdataset.tariterators import base_plus_ext
 
 from segclip.config import DataConfig
+from segclip.data.images import IMAGE_MEMBERS, ImageRejected, decode_rgb
 from segclip.data.superpixels import compute_superpixels
 from segclip.manifest import FailedSample
 from segclip.storage import atomic_write, location
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABEL_MEMBER = "superpixels.png"  # 16-bit grayscale PNG: lossless and compact
 COUNT_MEMBER = "superpixels.cls"
 MAX_SEGMENTS = np.iinfo(np.uint16).max + 1
@@ -56,12 +56,7 @@ def decode_label_map(data: bytes) -> np.ndarray:
 
 
 def image_member(sample: dict) -> str | None:
-    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+    return next((ext for ext in IMAGE_MEMBERS if ext in sample), None)
 
 
 class UnusableSample(Exception):
@@ -75,8 +70,8 @@ def _superpixel_members(sample: dict, config: DataConfig) -> dict[str, bytes | s
         raise UnusableSample("missing_image")
     try:
         image = decode_rgb(sample[extension])
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        raise UnusableSample("undecodable_image") from None
+    except ImageRejected as rejected:
+        raise UnusableSample(rejected.reason) from None
     labels = compute_superpixels(image, config)
     segments = int(labels.max()) + 1
     if segments > MAX_SEGMENTS:

@@ -1,5 +1,6 @@
 """The ingest stage with real img2dataset downloads from a server on 127.0.0.1."""
 
+import io
 import json
 import socket
 
@@ -141,25 +142,46 @@ def test_coco_folder_gives_one_sample_per_caption_of_the_chosen_splits(tmp_path)
     assert result.manifest.failures == {}
 
 
-def test_existing_shards_are_validated_and_adopted_in_place(tmp_path):
+def test_existing_shards_are_streamed_checked_and_stored_by_the_download_rule(tmp_path):
     folder = tmp_path / "mirror"
     folder.mkdir()
-    image = Image.new("RGB", (40, 30), "red")
+    red = Image.new("RGB", (64, 48), "red")
+    turned = Image.new("RGB", (64, 48), "blue")
+    turned.paste((0, 255, 0), (0, 0, 32, 48))  # left half green, stored with EXIF "turn right"
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    jpeg = io.BytesIO()
+    turned.save(jpeg, "JPEG", exif=exif, quality=95)
     with wds.TarWriter(str(folder / "a-000.tar")) as sink:
-        sink.write({"__key__": "s0", "jpg": image, "txt": "red"})
-        sink.write({"__key__": "s1", "jpg": image})  # no caption
+        sink.write({"__key__": "s0", "jpg": red, "txt": "red"})
+        sink.write({"__key__": "s1", "jpg": red})  # no caption
         sink.write({"__key__": "s2", "txt": "no image"})
     with wds.TarWriter(str(folder / "a-001.tar")) as sink:
-        sink.write({"__key__": "s3", "png": image, "txt": "red too"})
-    result = ingest.run(config_for(tmp_path, "ingest.source=shards", f"ingest.path={folder}"))
-    assert result.shard_urls == [str(folder / "a-000.tar"), str(folder / "a-001.tar")]
-    assert [s.samples for s in result.manifest.shards] == [1, 1]
-    assert result.manifest.failures == {"missing_caption": 1, "missing_image": 1}
-    assert not list(result.output_dir.glob("**/*.tar"))  # nothing copied
+        sink.write({"__key__": "s3", "jpg": jpeg.getvalue(), "json": {"caption": "turned"}})
+    whole = (folder / "a-000.tar").read_bytes()
+    (folder / "a-002.tar").write_bytes(whole[: len(whole) // 2])  # breaks off after sample s0
+    (folder / "b-000.tar").write_bytes(b"not a tar file at all" * 40)  # outside the pattern
 
-    (folder / "a-002.tar").write_bytes(b"not a tar file at all" * 40)
-    with pytest.raises(ValueError, match=r"(?s)a-002.tar is not a readable tar shard .* remove it"):
-        ingest.run(config_for(tmp_path, "ingest.source=shards", f"ingest.path={folder}"))
+    config = config_for(tmp_path, "ingest.source=shards", f"ingest.path={folder}/a-*.tar")
+    result = ingest.run(config)
+    assert [s.samples for s in result.manifest.shards] == [1, 1, 1]
+    assert all(url.startswith(str(result.output_dir)) for url in result.shard_urls)
+    assert result.manifest.failures == {
+        "missing_caption": 1,
+        "missing_image": 1,
+        "unreadable_shard_tail": 1,
+    }
+    samples = read_shards(result)
+    assert sorted(s["txt"] for s in samples) == ["red", "red", "turned"]
+    stored = np.asarray(next(s["jpg"] for s in samples if s["txt"] == "turned"))
+    assert stored.shape == (round(32 * 64 / 48), 32, 3)  # portrait now; short side 32
+    top, bottom = stored[2, 16], stored[-3, 16]  # turned right: the green half is on top
+    assert top[1] > 200 > top[2] and bottom[2] > 200 > bottom[1]
+    failures = pd.read_parquet(result.output_dir / "failures.parquet")
+    assert sorted(failures["url"].str.rsplit("/", n=1).str[-1]) == [
+        "a-000.tar#s1", "a-000.tar#s2", "a-002.tar",
+    ]  # fmt: skip
+    assert ingest.run(config).output_dir == result.output_dir  # finished: not run again
 
 
 def test_bad_sources_fail_before_any_download_naming_the_fix(tmp_path):
