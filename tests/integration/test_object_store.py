@@ -139,3 +139,47 @@ def test_missing_credentials_are_named(endpoint, monkeypatch, tmp_path):
         monkeypatch.delenv(name)
     with pytest.raises(StorageError, match=r"no credentials were found: set AWS_ACCESS_KEY_ID"):
         check_writable(location(f"s3://{BUCKET}/work"))
+
+
+def test_shards_on_the_store_are_streamed_in_and_stored_by_the_download_rule(
+    endpoint, tmp_path, monkeypatch
+):
+    """ingest.source=shards on an s3:// pattern: every sample read from the bucket, checked
+    and stored as a download would be (a 16-bit PNG scaled, not clipped to white)."""
+    import cv2
+    import numpy as np
+    import webdataset as wds
+
+    from pipelines import ingest
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    grey16 = cv2.imencode(".png", np.full((48, 64), 30000, np.uint16))[1].tobytes()
+    store = s3fs.S3FileSystem(endpoint_url=endpoint)
+    for index in range(2):
+        local = tmp_path / f"train-{index:03d}.tar"
+        with wds.TarWriter(str(local)) as sink:
+            sink.write({"__key__": f"a{index}", "png": grey16, "txt": f"grey {index}"})
+            sink.write({"__key__": f"b{index}", "jpg": b"<html>gone</html>", "txt": "html"})
+        store.put_file(str(local), f"{BUCKET}/mirror/train-{index:03d}.tar")
+    store.put_file(str(local), f"{BUCKET}/mirror/other.tar")  # outside the pattern
+
+    config = load_config(
+        "tiny",
+        [
+            f"runtime.workdir={tmp_path / 'work'}",
+            f"runtime.s3_endpoint_url={endpoint}",
+            "runtime.ingest_processes=1",
+            "ingest.source=shards",
+            f"ingest.path=s3://{BUCKET}/mirror/train-*.tar",
+            "ingest.image_size=32",
+        ],
+    )
+    result = ingest.run(config)
+    assert result.manifest.counts == {"requested": 4, "samples": 2, "shards": 2}
+    assert result.manifest.failures == {"not_an_image": 2}
+    for index, url in enumerate(result.shard_urls):
+        (sample,) = wds.WebDataset(url, shardshuffle=False).decode("pil")
+        assert sample["txt"] == f"grey {index}"
+        assert sample["jpg"].size == (round(64 * 32 / 48), 32)
+        assert np.abs(np.asarray(sample["jpg"], int) - round(30000 / 257)).max() <= 2
+        assert sample["json"]["url"] == f"s3://{BUCKET}/mirror/train-{index:03d}.tar#a{index}"

@@ -63,4 +63,3 @@ def test_whole_body_arrives_and_a_trickled_one_stops_at_the_deadline():
         assert 1.0 < time.monotonic() - start < 1.0 + 0.5  # overrun: at most one piece's wait
         with pytest.raises(http.client.IncompleteRead), opener.open(f"{base}/short", None, 5) as r:
             r.read()
-

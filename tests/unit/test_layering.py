@@ -26,7 +26,7 @@ SEGCLIP_LAYERS = (
 )  # fmt: skip
 # pipelines/ modules that other pipelines/ modules may import: stage modules import no stage
 # module, only the registry knows them all.
-PIPELINE_SHARED = ("pipelines.ray_runtime", "pipelines.train_worker")
+PIPELINE_SHARED = ("pipelines.ray_runtime", "pipelines.train_worker", "pipelines.img2dataset_job")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -126,3 +126,23 @@ def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config
     assert [s["__key__"] for s in written] == sorted(order)
     assert [s["txt"].decode() for s in written] == [f"caption {k}" for k in sorted(order)]
     assert all({"png", "superpixels.png", "superpixels.cls"} <= set(s) for s in written)
+
+
+def test_superpixel_shards_leave_out_unusable_samples_with_their_reason(tmp_path, tiny_config):
+    """Shards damaged after ingest (or written by other tools) lose only the bad samples."""
+    source = tmp_path / "in.tar"
+    buffer = io.BytesIO()
+    Image.fromarray(demo_scene(3, 0, 64).image).save(buffer, format="JPEG")
+    whole = buffer.getvalue()
+    with wds.TarWriter(str(source)) as sink:
+        sink.write({"__key__": "good", "jpg": whole, "txt": "kept"})
+        sink.write({"__key__": "cut", "jpg": whole[: len(whole) // 2], "txt": "cut"})
+        sink.write({"__key__": "html", "jpg": b"<html></html>", "txt": "html"})
+        sink.write({"__key__": "bare", "txt": "no image"})
+    report = superpixel_shard(str(source), tmp_path / "out.tar", tiny_config.data)
+    assert report.samples == 1
+    assert sorted((f.key, f.reason) for f in report.failed) == [
+        ("bare", "missing_image"),
+        ("cut", "truncated_image"),
+        ("html", "not_an_image"),
+    ]
