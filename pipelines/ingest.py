@@ -2,11 +2,12 @@
 
 Every source that has to fetch images (a url list, the demo scenes or a COCO folder,
 both served by the driver: on 127.0.0.1, or on its cluster address when img2dataset
-downloads on Ray) goes through the same img2dataset download, so resizing,
-encoding and failure accounting are identical. Existing shards are validated and
-adopted in place. img2dataset's incremental mode keeps every shard that finished
-(it has a `_stats.json`), so an interrupted ingest resumes where it stopped. Every
-path may be a local path or an fsspec URL: img2dataset writes through fsspec.
+downloads on Ray) is cleaned into one url list and goes through the same img2dataset
+download; existing shards are streamed from any fsspec URL. Both store each image by
+one rule (`segclip.data.images`), so a sample looks as a browser shows its source and
+every row that is not a sample has one stable reason, in the manifest and in
+`failures.parquet`. A shard is finished once it has a `_stats.json`: a rerun keeps
+those, so an interrupted ingest resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -159,18 +160,19 @@ def _summary(shards: list[ShardRef], failures: Counter[str]) -> StageOutput:
 
 
 def _distributor(config: SegCLIPConfig) -> str:
+    """img2dataset's distributor for the shard jobs; Ray is joined when it is Ray's."""
     runtime = config.runtime
-    if runtime.ingest_distributor == "auto":
-        return "ray" if ray_address(runtime.ray_address) else "multiprocessing"
-    return runtime.ingest_distributor
+    distributor = runtime.ingest_distributor
+    if distributor == "auto":
+        distributor = "ray" if ray_address(runtime.ray_address) else "multiprocessing"
+    if distributor == "ray":
+        connect(runtime.ray_address)
+    return distributor
 
 
 def _serving_host(config: SegCLIPConfig) -> str:
     """Where the driver serves local images: its cluster address when Ray downloads them."""
-    if _distributor(config) != "ray":
-        return "127.0.0.1"
-    connect(config.runtime.ray_address)
-    return node_ip()
+    return node_ip() if _distributor(config) == "ray" else "127.0.0.1"
 
 
 def _download(config: SegCLIPConfig, output_dir: UPath, pairs: Iterable[Pairs]) -> StageOutput:
@@ -184,9 +186,6 @@ def _download(config: SegCLIPConfig, output_dir: UPath, pairs: Iterable[Pairs]) 
         atomic_write(output_dir / "source" / REJECTED_LIST) as rejected,
     ):
         write_url_list(pairs, url_list, rejected, dedup_urls="url" in ingest.dedup)
-    distributor = _distributor(config)
-    if distributor == "ray":
-        connect(runtime.ray_address)
     download_list(
         str(output_dir / "source" / URL_LIST),
         str(output_dir / SHARD_DIR),
@@ -196,7 +195,7 @@ def _download(config: SegCLIPConfig, output_dir: UPath, pairs: Iterable[Pairs]) 
         timeout=ingest.timeout,
         deadline=ingest.download_deadline,
         retries=ingest.retries,
-        distributor=distributor,
+        distributor=_distributor(config),
         processes=runtime.ingest_processes,
     )
     return collect_shards(output_dir, dedup_content="content" in ingest.dedup)
@@ -344,9 +343,6 @@ def _convert_shards(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
     ingest, folder = config.ingest, str(output_dir / SHARD_DIR)
     finished = done_shards(folder)
     rows = [(i, str(s)) for i, s in enumerate(_shard_files(config)) if i not in finished]
-    distributor = _distributor(config)
-    if distributor == "ray":
-        connect(config.runtime.ray_address)
     converter = ShardConverter(
         rule=store_rule(ingest), shard_folder=folder, samples_per_shard=ingest.samples_per_shard
     )
@@ -354,7 +350,7 @@ def _convert_shards(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
         converter,
         rows,
         shard_folder=folder,
-        distributor=distributor,
+        distributor=_distributor(config),
         processes=config.runtime.ingest_processes,
     )
     return collect_shards(output_dir, dedup_content="content" in ingest.dedup)
