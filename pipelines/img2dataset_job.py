@@ -37,7 +37,7 @@ from segclip.data.images import (
     StoreRule,
     store_image,
 )
-from segclip.storage import location
+from segclip.storage import location, remove_tree
 
 OOM_SHARD_COUNT = 5  # shard names of five digits, as img2dataset writes them
 HASH = "sha256"
@@ -134,7 +134,7 @@ def download_list(
     )
     run_job(downloader, reader, shard_folder=shard_folder, distributor=distributor,
             processes=processes)  # fmt: skip
-    location(tmp).fs.rm(location(tmp).path, recursive=True)
+    remove_tree(location(tmp))  # on a store the downloaders already removed every piece
 
 
 # --- existing shards -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ reader, or a resumed stage, never sees half a file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -162,7 +163,8 @@ def remove_tree(path: UPath) -> None:
     if is_local(path):
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
-        path.fs.rm(path.path, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # emptied meanwhile: a store has no folders
+            path.fs.rm(path.path, recursive=True)
 
 
 def publish_folder(source: Path, target: UPath) -> None:
