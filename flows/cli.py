@@ -52,12 +52,26 @@ def _stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rerun even if finished")
 
 
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _stage_arguments(parser)
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH_OR_URL",
+        help="evaluate this checkpoint (ours, the released .bin) or a profile's untrained model "
+        "(e.g. paper: OpenAI CLIP for the training-free methods) instead of this "
+        "configuration's training output; no ingest or training runs",
+    )
+
+
 def _stage_command(stage: str):
     def run(args: argparse.Namespace) -> int:
         from flows.pipeline import stage_flow
 
-        load_config(args.profile, args.overrides)  # invalid settings fail before Prefect
-        folder = stage_flow(stage, profile=args.profile, overrides=args.overrides, force=args.force)
+        overrides = list(args.overrides)
+        if getattr(args, "checkpoint", None):
+            overrides.append(f"eval.checkpoint={args.checkpoint}")
+        load_config(args.profile, overrides)  # invalid settings fail before Prefect
+        folder = stage_flow(stage, profile=args.profile, overrides=overrides, force=args.force)
         print(folder)
         if stage == "evaluate":
             _print_results(folder)
@@ -111,7 +125,11 @@ PIPELINE_COMMANDS: dict[str, Command] = {
         _run_command,
     ),
     **{
-        stage.name: Command(stage.help, _stage_arguments, _stage_command(stage.name))
+        stage.name: Command(
+            stage.help,
+            _evaluate_arguments if stage.name == "evaluate" else _stage_arguments,
+            _stage_command(stage.name),
+        )
         for stage in STAGES
     },
     "status": Command(

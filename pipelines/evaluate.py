@@ -1,10 +1,13 @@
 """Evaluate stage: zero-shot segmentation benchmarks of a trained (or any) checkpoint.
 
 Every benchmark folder is checked before the model is loaded, so a missing
-dataset fails in seconds with the path it expected and how to get it. Results:
-`results.json`, per benchmark `per_class_iou.csv`, `confusion.csv` and overlay
-images, all logged to the stage's MLflow run with the protocol's name, version
-and values. The model runs on `runtime.device`; on a Ray cluster or with GPUs,
+dataset fails in seconds with the path it expected and how to get it. One run
+measures every method (the model's centers, the training-free CLIP methods on a CLIP
+tower, the trivial baselines) under every protocol on every benchmark. Results:
+`results.json` (one row per method, protocol and benchmark), per row
+`<method>/<protocol>/<benchmark>/` with `per_class_iou.csv`, `confusion.csv` and
+overlay images, all logged to the stage's MLflow run with each protocol's name,
+version and values. The model runs on `runtime.device`; on a Ray cluster or with GPUs,
 `runtime.eval_actors` model copies share the images, each on the GPU it reserves.
 """
 
@@ -20,7 +23,7 @@ import torch
 from upath import UPath
 
 from pipelines.ray_runtime import connect, node_id, ray_address, use_reserved_cpus
-from segclip.config import ConfigError, SegCLIPConfig
+from segclip.config import ConfigError, SegCLIPConfig, available_profiles, load_config
 from segclip.data.demo_data import demo_data_key
 from segclip.device import resolve_device
 from segclip.eval.baselines import BASELINES
@@ -28,26 +31,53 @@ from segclip.eval.datasets import BenchmarkSpec, get_benchmark, sample_ids
 from segclip.eval.metrics import ConfusionMatrix
 from segclip.eval.protocol import PROTOCOLS
 from segclip.eval.scoring import BenchmarkResult, evaluate_benchmark
-from segclip.eval.segment import Segmenter
-from segclip.manifest import DataRef, StageResult, read_result
+from segclip.eval.segment import TRAINING_FREE, Segmenter
+from segclip.manifest import DataRef, StageResult, file_ref, json_digest, read_result
 from segclip.model import load_model
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import local_folder, location
 from segclip.tracking import log_metrics, log_params
 
 RESULTS_FILE = "results.json"
+PROTOCOLS_FILE = "protocols.json"
 # Every model copy is loaded before the images are shared out, so all of them take part
 # (the first ready would otherwise take a short benchmark alone); a cluster that cannot
 # place them fails after this long instead of waiting for ever.
 ACTORS_START_TIMEOUT_S = 600
 
 
+def _model_ref(source: str, setting: str) -> DataRef:
+    """A model source named in the config: a checkpoint pinned by its content, or a profile
+    (its untrained model) pinned by the profile's model settings."""
+    if source in available_profiles():
+        return DataRef(url=source, digest=json_digest(load_config(source).model.model_dump()))
+    try:
+        return file_ref(source)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{setting} {source} is neither a checkpoint file nor a profile "
+            f"({', '.join(available_profiles())}); give a .safetensors or released .bin "
+            "path or URL"
+        ) from None
+
+
+def _given_checkpoint(config: SegCLIPConfig) -> DataRef | None:
+    checkpoint = config.eval.checkpoint
+    return _model_ref(checkpoint, "eval.checkpoint") if checkpoint else None
+
+
+def _training_free(config: SegCLIPConfig) -> list[str]:
+    return [method for method in config.eval.methods if method in TRAINING_FREE]
+
+
 def settings(config: SegCLIPConfig) -> dict[str, Any]:
     keyed = {
-        "eval": config.eval.model_dump(mode="json"),
-        "protocol": PROTOCOLS[config.eval.protocol].as_dict(),
+        "eval": config.eval.model_dump(mode="json", exclude={"checkpoint", "floor_model"}),
+        "protocols": {name: PROTOCOLS[name].as_dict() for name in config.eval.protocols},
         "seed": config.train.seed,  # the random_centers baseline draws with it
     }
+    if config.eval.floor_model and _training_free(config):
+        keyed["floor_model"] = _model_ref(config.eval.floor_model, "eval.floor_model").digest
     if "demo" in config.eval.benchmarks:
         keyed["demo"] = demo_data_key(config.demo)
     return keyed
@@ -62,32 +92,56 @@ class LocatedBenchmark:
 
 @dataclass(frozen=True)
 class EvaluationInput:
-    model: UPath  # the model file: a training output's `model`, or a checkpoint given directly
+    model: str  # the model: a training output's `model`, a given checkpoint, or a profile
+    floor_model: str  # whose CLIP tower the training-free methods use
     benchmarks: list[LocatedBenchmark]
 
 
-def _model_file(ref: DataRef) -> UPath:
+def _model_source(ref: DataRef) -> str:
+    if ref.url in available_profiles():
+        return ref.url
     trained = read_result(ref.url)
-    return trained.file("model") if trained is not None else location(ref.url)
+    return str(trained.file("model") if trained is not None else location(ref.url))
 
 
 def _locate(config: SegCLIPConfig, inputs: list[DataRef]) -> EvaluationInput:
-    """Each benchmark with its checked folder and sample ids; also checks the protocol has
+    """Each benchmark with its checked folder and sample ids; also checks every protocol has
     its threshold. Runs before any model work."""
-    protocol = PROTOCOLS[config.eval.protocol]
     located = []
     for name in config.eval.benchmarks:
         spec = get_benchmark(name)
-        if spec.background and spec.name not in protocol.background_thresholds:
-            raise ConfigError(f"protocol {protocol.name!r} has no background threshold for {name}")
+        for protocol in (PROTOCOLS[p] for p in config.eval.protocols):
+            if spec.background and spec.name not in protocol.background_thresholds:
+                raise ConfigError(
+                    f"protocol {protocol.name!r} has no background threshold for {name}"
+                )
         folder = spec.locate(config)
         # sample_ids raises naming the missing path and how to get the data.
         located.append(LocatedBenchmark(spec, folder, sample_ids(spec, folder)))
-    return EvaluationInput(_model_file(inputs[0]), located)
+    model = _model_source(inputs[0])
+    floor = config.eval.floor_model
+    floor_source = _model_source(_model_ref(floor, "eval.floor_model")) if floor else model
+    return EvaluationInput(model, floor_source, located)
 
 
-def _segmenter(model, spec: BenchmarkSpec, config: SegCLIPConfig, device: torch.device):
-    protocol = PROTOCOLS[config.eval.protocol]
+@dataclass(frozen=True)
+class Measure:
+    """One cell of the evaluation: a method under a protocol on a benchmark."""
+
+    method: str
+    protocol: str
+    benchmark: str
+
+    def model(self, prepared: EvaluationInput) -> str:
+        return prepared.floor_model if self.method in TRAINING_FREE else prepared.model
+
+    @property
+    def path(self) -> str:
+        return f"{self.method}/{self.protocol}/{self.benchmark}"
+
+
+def _segmenter(model, measure: Measure, config: SegCLIPConfig, device: torch.device):
+    protocol, spec = PROTOCOLS[measure.protocol], get_benchmark(measure.benchmark)
     return Segmenter(
         model,
         spec.text_classes,
@@ -96,6 +150,7 @@ def _segmenter(model, spec: BenchmarkSpec, config: SegCLIPConfig, device: torch.
         window_batch=config.eval.window_batch,
         bf16=config.eval.precision == "bf16",
         device=device,
+        method=measure.method,
     )
 
 
@@ -103,11 +158,11 @@ class _ConfusionActor:
     """A Ray Data actor holding one model copy on its own device (the GPU Ray gave it, when
     it reserved one); maps a batch of sample ids to a confusion matrix."""
 
-    def __init__(self, model_file: str, spec_name: str, folder: str, config: SegCLIPConfig) -> None:
+    def __init__(self, model: str, measure: Measure, folder: str, config: SegCLIPConfig) -> None:
         use_reserved_cpus()
-        self.spec, self.folder = get_benchmark(spec_name), location(folder)
+        self.spec, self.folder = get_benchmark(measure.benchmark), location(folder)
         device = resolve_device(config.runtime.device)
-        self.segmenter = _segmenter(load_model(model_file), self.spec, config, device)
+        self.segmenter = _segmenter(load_model(model), measure, config, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(sample_id) for sample_id in batch["id"]]
@@ -116,7 +171,7 @@ class _ConfusionActor:
 
 
 def _distributed_confusion(
-    config: SegCLIPConfig, model_file: UPath, benchmark: LocatedBenchmark
+    config: SegCLIPConfig, model: str, measure: Measure, benchmark: LocatedBenchmark
 ) -> tuple[ConfusionMatrix, set[str]]:
     """The benchmark's confusion matrix from `runtime.eval_actors` model copies (Ray Data),
     and the nodes they ran on."""
@@ -127,8 +182,8 @@ def _distributed_confusion(
     batches = ray.data.from_items([{"id": i} for i in ids]).map_batches(
         _ConfusionActor,
         fn_constructor_kwargs={
-            "model_file": str(model_file),
-            "spec_name": benchmark.spec.name,
+            "model": model,
+            "measure": measure,
             "folder": str(benchmark.folder),
             "config": config,
         },
@@ -145,15 +200,23 @@ def _distributed_confusion(
     return confusion, nodes
 
 
-def _scores(result: BenchmarkResult) -> dict[str, float]:
-    return {"miou": result.mean_iou, "pixel_accuracy": result.confusion.pixel_accuracy()}
+def _row(measure: Measure, result: BenchmarkResult, kind: str) -> dict[str, Any]:
+    return {
+        "method": measure.method,
+        "protocol": measure.protocol,
+        "benchmark": measure.benchmark,
+        "kind": kind,  # model, training_free or baseline
+        "images": result.images,
+        "miou": result.mean_iou,
+        "pixel_accuracy": result.confusion.pixel_accuracy(),
+    }
 
 
-def _baselines(
-    config: SegCLIPConfig, segmenter: Segmenter, benchmark: LocatedBenchmark
-) -> dict[str, dict[str, float]]:
+def _baseline_rows(
+    config: SegCLIPConfig, segmenter: Segmenter, benchmark: LocatedBenchmark, protocol: str
+) -> list[dict[str, Any]]:
     """The configured trivial baselines on this benchmark (those defined for it), locally."""
-    spec, scores = benchmark.spec, {}
+    spec, rows = benchmark.spec, []
     for name in config.eval.baselines:
         baseline = BASELINES[name]
         if baseline.needs_background and not spec.background:
@@ -162,80 +225,111 @@ def _baselines(
         result = evaluate_benchmark(
             predictor, spec, benchmark.folder, benchmark.ids, progress=False
         )
-        scores[name] = _scores(result)
-    return scores
+        rows.append(_row(Measure(name, protocol, spec.name), result, "baseline"))
+    return rows
 
 
-def results_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: each benchmark's model row, then its baseline rows."""
-    lines = ["| benchmark | predictions | images | mIoU | pixel acc. |", "|---|---|---|---|---|"]
-    for name, row in results.items():
-        rows = {"model": row} | {f"baseline: {b}": s for b, s in row.get("baselines", {}).items()}
-        for label, scores in rows.items():
-            lines.append(
-                f"| {name} | {label} | {row['images']} | {100 * scores['miou']:.1f} | "
-                f"{100 * scores['pixel_accuracy']:.1f} |"
-            )
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: per benchmark and protocol (in the order measured), the model, the
+    training-free methods and the trivial baselines side by side."""
+    order = {"model": 0, "training_free": 1, "baseline": 2}
+    lines = [
+        "| benchmark | protocol | method | images | mIoU | pixel acc. |",
+        "|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], int] = {}  # (benchmark, protocol) in the order measured
+    for row in rows:
+        groups.setdefault((row["benchmark"], row["protocol"]), len(groups))
+
+    def place(row: dict[str, Any]) -> tuple[int, int]:
+        return groups[row["benchmark"], row["protocol"]], order[row["kind"]]
+
+    for row in sorted(rows, key=place):
+        method = f"baseline: {row['method']}" if row["kind"] == "baseline" else row["method"]
+        lines.append(
+            f"| {row['benchmark']} | {row['protocol']} | {method} | {row['images']} | "
+            f"{100 * row['miou']:.1f} | {100 * row['pixel_accuracy']:.1f} |"
+        )
     return "\n".join(lines)
 
 
-def read_results(result: StageResult) -> dict[str, dict[str, Any]]:
+def read_results(result: StageResult) -> list[dict[str, Any]]:
     return json.loads(result.file("results").read_text())
 
 
 def report(result: StageResult) -> str:
-    """The protocol that measured the results, then their table: what a user is shown."""
-    protocol = json.loads(result.file("protocol").read_text())
-    table = results_table(read_results(result))
-    return f"protocol {protocol['name']} v{protocol['version']}\n{table}"
+    """The protocols that measured the results, then their table: what a user is shown."""
+    protocols = json.loads(result.file("protocols").read_text())
+    named = ", ".join(f"{name} v{values['version']}" for name, values in protocols.items())
+    return f"protocols {named}\n{results_table(read_results(result))}"
+
+
+def _measure(
+    context: StageContext[EvaluationInput],
+    measure: Measure,
+    benchmark: LocatedBenchmark,
+    segmenter: Segmenter,
+) -> tuple[BenchmarkResult, set[str]]:
+    """One method under one protocol on one benchmark: on Ray Data actors when distributed
+    (overlays are drawn here), else in this process."""
+    config, spec, overlays = context.config, benchmark.spec, context.config.eval.overlays
+    if not (ray_address(config.runtime.ray_address) or config.runtime.use_gpu):
+        result = evaluate_benchmark(
+            segmenter, spec, benchmark.folder, benchmark.ids, overlays=overlays
+        )
+        return result, set()
+    shown = benchmark.ids[:overlays]
+    drawn = evaluate_benchmark(segmenter, spec, benchmark.folder, shown, overlays=overlays)
+    model = measure.model(context.prepared)
+    confusion, nodes = _distributed_confusion(config, model, measure, benchmark)
+    return BenchmarkResult(spec.name, len(benchmark.ids), confusion, drawn.overlays), nodes
 
 
 def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
     config, tracked, prepared = context.config, context.tracked, context.prepared
     client, run_id = tracked.client, tracked.run_id
-    protocol = PROTOCOLS[config.eval.protocol]
-    log_params(client, run_id, {f"protocol.{k}": str(v) for k, v in protocol.as_dict().items()})
+    protocols = {name: PROTOCOLS[name].as_dict() for name in config.eval.protocols}
+    log_params(
+        client,
+        run_id,
+        {
+            f"protocol.{name}.{k}": str(v)
+            for name, values in protocols.items()
+            for k, v in values.items()
+        }
+        | {"methods": ",".join(config.eval.methods)},
+    )
     device = resolve_device(config.runtime.device)
-    model = load_model(prepared.model)
+    models = {source: load_model(source) for source in {prepared.model, prepared.floor_model}}
     torch.manual_seed(config.train.seed)
-    distributed = ray_address(config.runtime.ray_address) or config.runtime.use_gpu
-    results, nodes = {}, set()
+    rows, nodes = [], set()
     with local_folder(context.output_dir) as folder:
         for benchmark in prepared.benchmarks:
             spec = benchmark.spec
-            segmenter = _segmenter(model, spec, config, device)
-            overlays = config.eval.overlays
-            if distributed:  # Ray Data actors share the images; overlays are drawn here
-                shown = benchmark.ids[:overlays]
-                drawn = evaluate_benchmark(
-                    segmenter, spec, benchmark.folder, shown, overlays=overlays
-                )
-                confusion, used = _distributed_confusion(config, prepared.model, benchmark)
-                nodes |= used
-                result = BenchmarkResult(spec.name, len(benchmark.ids), confusion, drawn.overlays)
-            else:
-                result = evaluate_benchmark(
-                    segmenter, spec, benchmark.folder, benchmark.ids, overlays=overlays
-                )
-            written = result.write(folder, spec.class_names)
-            client.log_artifacts(run_id, str(written), artifact_path=spec.name)
-            scores = _scores(result)
-            results[spec.name] = {"images": result.images, **scores}
-            baselines = _baselines(config, segmenter, benchmark)
-            if baselines:
-                results[spec.name]["baselines"] = baselines
-            metrics = {f"{k}/{spec.name}": v for k, v in scores.items()} | {
-                f"baseline/{name}/{k}/{spec.name}": v
-                for name, scores in baselines.items()
-                for k, v in scores.items()
-            }
-            log_metrics(client, run_id, metrics, step=0)
-        for name, content in ((RESULTS_FILE, results), ("protocol.json", protocol.as_dict())):
+            for protocol in config.eval.protocols:
+                for method in config.eval.methods:
+                    measure = Measure(method, protocol, spec.name)
+                    segmenter = _segmenter(models[measure.model(prepared)], measure, config, device)
+                    result, used = _measure(context, measure, benchmark, segmenter)
+                    nodes |= used
+                    written = result.write(Path(folder) / method / protocol, spec.class_names)
+                    client.log_artifacts(run_id, str(written), artifact_path=measure.path)
+                    kind = "training_free" if method in TRAINING_FREE else "model"
+                    rows.append(_row(measure, result, kind))
+                    if method == "segclip":
+                        rows += _baseline_rows(config, segmenter, benchmark, protocol)
+        metrics = {
+            f"{name}/{row['method']}/{row['protocol']}/{row['benchmark']}": row[name]
+            for row in rows
+            for name in ("miou", "pixel_accuracy")
+        }
+        log_metrics(client, run_id, metrics, step=0)
+        for name, content in ((RESULTS_FILE, rows), (PROTOCOLS_FILE, protocols)):
             (Path(folder) / name).write_text(json.dumps(content, indent=2))
             client.log_artifact(run_id, str(Path(folder) / name))
     return StageOutput(
-        counts={f"images/{name}": int(r["images"]) for name, r in results.items()},
-        files={"results": RESULTS_FILE, "protocol": "protocol.json"},
+        counts={f"images/{b.spec.name}": len(b.ids) for b in prepared.benchmarks},
+        files={"results": RESULTS_FILE, "protocols": PROTOCOLS_FILE},
         nodes=sorted(nodes),
     )
 
@@ -245,6 +339,7 @@ STAGE = Stage[EvaluationInput](
     help="zero-shot segmentation benchmarks of the trained model",
     settings=settings,
     reads="train",
+    given=_given_checkpoint,
     prepare=_locate,
     body=_evaluate,
     retries=2,  # data and tracking I/O: a second attempt can succeed

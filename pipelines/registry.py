@@ -26,7 +26,7 @@ def get_stage(name: str) -> Stage:
 
 def upstream_inputs(stage: Stage, config: SegCLIPConfig) -> list[DataRef]:
     """The finished output a stage reads, found from the config (for a stage run alone)."""
-    if stage.reads is None:
+    if stage.reads is None or stage.given(config) is not None:
         return []
     use_s3_endpoint(config.runtime.s3_endpoint_url)
     previous = get_stage(stage.reads)

@@ -25,7 +25,11 @@ KlForm = Literal["reference", "plain"]  # segclip.losses.KL_FORMS
 SuperpixelMethod = Literal["felzenszwalb", "slic"]  # segclip.data.superpixels.SUPERPIXEL_METHODS
 PatchLabel = Literal["mean", "majority"]  # segclip.data.superpixels.PATCH_REDUCTIONS
 Precision = Literal["fp32", "bf16", "fp16"]  # segclip.train.step.AUTOCAST_DTYPES
-ProtocolName = Literal["segclip", "tcl448", "segclip_learned_scale"]  # eval.protocol.PROTOCOLS
+ProtocolName = Literal[  # segclip.eval.protocol.PROTOCOLS
+    "segclip", "tcl448", "segclip_learned_scale", "sclip336", "sclip336_pamr"
+]
+# "segclip" (the model's centers) and segclip.eval.segment.TRAINING_FREE
+MethodName = Literal["segclip", "maskclip", "sclip", "clearclip", "naclip"]
 BenchmarkName = Literal[  # segclip.eval.datasets.BENCHMARKS
     "voc", "voc20", "context", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k",
     "demo",
@@ -142,8 +146,28 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Zero-shot segmentation benchmarks (docs/method.md 6); the protocol fixes the method."""
 
-    protocol: ProtocolName = Field(
-        "segclip", description="named, versioned protocol: " + ", ".join(get_args(ProtocolName))
+    methods: tuple[MethodName, ...] = Field(
+        ("segclip",),
+        min_length=1,
+        description="what segments: segclip (the evaluated model's centers) and the "
+        "training-free methods maskclip, sclip, clearclip, naclip (on a CLIP tower)",
+    )
+    protocols: tuple[ProtocolName, ...] = Field(
+        ("segclip",),
+        min_length=1,
+        description="named, versioned protocols, each measured: "
+        + ", ".join(get_args(ProtocolName)),
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="evaluate this instead of the training stage's output: a checkpoint (path or "
+        "fsspec URL, ours or the released .bin) or a profile name (its untrained model with "
+        "the profile's pretrained CLIP weights: the floor for the training-free methods)",
+    )
+    floor_model: str | None = Field(
+        None,
+        description="checkpoint or profile whose CLIP tower the training-free methods use "
+        "(e.g. paper = OpenAI ViT-B/16); null = the evaluated model's own",
     )
     benchmarks: tuple[BenchmarkName, ...] = ("voc", "context", "coco_object")
     data_root: str = Field("data", description="folder holding each benchmark's dataset")

@@ -98,7 +98,9 @@ class Stage(Generic[Prepared]):
     `settings` returns everything the output depends on besides the inputs: the
     key digests it. `prepare` runs before any work, skipped or not, so bad settings
     and missing data fail in seconds; its result reaches the body. A source stage
-    (`reads=None`) digests the files `sources` names instead of reading a stage.
+    (`reads=None`) digests the files `sources` names instead of reading a stage. A
+    stage that reads one may let the config name its input instead (`given`: evaluate
+    scores a given checkpoint without training).
     """
 
     name: str
@@ -108,6 +110,7 @@ class Stage(Generic[Prepared]):
     body: Callable[[StageContext[Prepared]], StageOutput]
     reads: str | None = None  # the stage whose output this one reads; None: a source stage
     sources: Callable[[SegCLIPConfig], list[DataRef]] | None = None
+    given: Callable[[SegCLIPConfig], DataRef | None] = lambda config: None
     retries: int = 0  # orchestrator retries, for errors `can_succeed_on_retry` accepts
 
     def __post_init__(self) -> None:
@@ -123,6 +126,8 @@ class Stage(Generic[Prepared]):
                     f"not from {len(upstream)} stage output(s)"
                 )
             return self.sources(config)
+        if (named := self.given(config)) is not None:
+            return [named]
         if len(upstream) != 1:
             raise ValueError(
                 f"the {self.name} stage reads one {self.reads} output, got {len(upstream)} inputs"

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from segclip.config import ProtocolName
+from segclip.eval.pamr import PamrSettings
+
+# The paper's refinement: 10 iterations over 3x3 neighbourhoods at these dilations.
+PAMR = PamrSettings(iterations=10, dilations=(1, 2, 4, 8, 12, 24))
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class EvalProtocol:
     # Multiplies center-text cosines in the affinity. None: the model's learned logit scale.
     affinity_scale: float | None = 100.0
     background_thresholds: dict[str, float] = field(default_factory=dict)  # per benchmark
+    pamr: PamrSettings | None = None  # refine the scores on the image before labelling
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,4 +63,9 @@ PROTOCOLS: dict[ProtocolName, EvalProtocol] = {
         affinity_scale=None,
         background_thresholds={**_SEGCLIP_THRESHOLDS, "demo": 0.7},
     ),
+    # The input the training-free CLIP family (SCLIP, ClearCLIP, NACLIP) reports under:
+    # short side 336, 224 px windows every 112 px. Thresholds and prompts as `segclip`.
+    "sclip336": replace(SEGCLIP, name="sclip336", short_side=336, window=224, stride=112),
 }
+# The same with pixel-adaptive mask refinement of the scores (Araslanov & Roth, 2020).
+PROTOCOLS["sclip336_pamr"] = replace(PROTOCOLS["sclip336"], name="sclip336_pamr", pamr=PAMR)

@@ -1,7 +1,9 @@
-"""Sliding-window zero-shot segmentation with SegCLIP's centers (docs/method.md section 6).
+"""Sliding-window zero-shot segmentation (docs/method.md section 6), by SegCLIP's centers
+or by a training-free dense CLIP method on the same model's CLIP tower.
 
-Per window, one vision pass gives both the center embeddings and the image
-embedding (for the class prior), and windows are encoded in batches.
+Per window, one vision pass gives the window's class scores (for SegCLIP both the
+center embeddings and the image embedding of the class prior), windows are encoded in
+batches, and every method shares the tiling, averaging, refinement and background rule.
 """
 
 from __future__ import annotations
@@ -15,8 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from segclip.data.transforms import normalize_images
+from segclip.eval.dense_clip import DENSE_METHODS, dense_features
+from segclip.eval.pamr import pamr
 from segclip.eval.protocol import EvalProtocol
 from segclip.model import CaptionTokenizer, ImageEncoding, SegCLIP, VisionMode
+
+# The training-free methods an evaluation can run beside SegCLIP ("plain" is their reference).
+TRAINING_FREE = tuple(name for name in DENSE_METHODS if name != "plain")
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -75,10 +82,12 @@ CenterLabeller = Callable[[ImageEncoding, torch.Tensor], torch.Tensor]
 
 
 class Segmenter:
-    """Open-vocabulary segmentation of whole images under one protocol.
+    """Open-vocabulary segmentation of whole images under one protocol, by one method.
 
-    `labeller` scores each center against the classes; the default is the
-    protocol's text affinity, a baseline may replace it (see `baselines`).
+    `method` is "segclip" (the model's centers) or a training-free method of
+    `segclip.eval.dense_clip` applied to the model's CLIP tower. For SegCLIP, `labeller`
+    scores each center against the classes; the default is the protocol's text
+    affinity, a baseline may replace it (see `baselines`).
     """
 
     def __init__(
@@ -92,7 +101,12 @@ class Segmenter:
         bf16: bool = False,
         device: torch.device | str = "cpu",
         labeller: CenterLabeller | None = None,
+        method: str = "segclip",
     ) -> None:
+        if method != "segclip" and method not in TRAINING_FREE:
+            known = ", ".join(["segclip", *TRAINING_FREE])
+            raise ValueError(f"unknown method {method!r}; methods: {known}")
+        self.method = method
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.protocol = protocol
@@ -141,12 +155,45 @@ class Segmenter:
                 total[:, top : top + win_h, left : left + win_w] += window_scores
                 count[:, top : top + win_h, left : left + win_w] += 1
         scores = total / count
+        if self.protocol.pamr is not None:
+            settings = self.protocol.pamr
+            scores = pamr(
+                resized[None],
+                scores[None],
+                iterations=settings.iterations,
+                dilations=settings.dilations,
+            )[0]
         full = F.interpolate(scores[None], (height, width), mode="bilinear", align_corners=False)
         return full[0].cpu()
 
     def _window_scores(self, crops: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) -> (B, K, h, w): each pixel takes the affinity row of its argmax center."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        """(B, 3, h, w) -> (B, K, h, w) class scores of each window's pixels."""
+        if self.method == "segclip":
+            return self._center_scores(crops)
+        return self._dense_scores(crops)
+
+    def _vision_precision(self) -> torch.autocast:
+        """bf16 for the vision pass only; scores are computed in fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _dense_scores(self, crops: torch.Tensor) -> torch.Tensor:
+        """Each patch's class softmax of its scaled cosines to the class texts, bilinear to
+        the pixels (the scale is the protocol's, as for the centers). A window that is no
+        multiple of the patch size is padded for the vision pass and cropped back."""
+        height, width = crops.shape[-2:]
+        patch = self.model.patch_size
+        padded = F.pad(crops, (0, -width % patch, 0, -height % patch))
+        with self._vision_precision():
+            features = dense_features(self.model.clip.visual, padded, self.method).float()
+        cosines = torch.einsum("behw,ke->bkhw", F.normalize(features, dim=1), self.text)
+        probabilities = (self.affinity_scale * cosines).softmax(dim=1)
+        size = padded.shape[-2:]
+        pixels = F.interpolate(probabilities, size, mode="bilinear", align_corners=False)
+        return pixels[..., :height, :width]
+
+    def _center_scores(self, crops: torch.Tensor) -> torch.Tensor:
+        """Each pixel takes the affinity row of its argmax center."""
+        with self._vision_precision():
             encoding = self.model.encode_image(crops, VisionMode.INFER)
         affinity = self.labeller(encoding, self.text)  # (B, G, K)
         batch, groups = affinity.shape[:2]

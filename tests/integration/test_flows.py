@@ -107,8 +107,8 @@ def check_lineage(config, report):
                 assert child.data.tags["segclip.produced_by"] == producer.info.run_id
                 assert child.data.metrics == producer.data.metrics
         assert children["train"].data.metrics["loss/total"] > 0
-        miou = children["evaluate"].data.metrics["miou/demo"]
-        assert 0 <= miou <= 1 and parent.data.metrics["miou/demo"] == miou
+        miou = children["evaluate"].data.metrics["miou/segclip/segclip/demo"]
+        assert 0 <= miou <= 1 and parent.data.metrics["miou/segclip/segclip/demo"] == miou
         assert children["ingest"].data.metrics["count/samples"] > 0
     for folder, run_id in produced.items():  # the folder names the run of its current output
         assert (Path(folder) / RUN_ID_FILE).read_text() == run_id

@@ -217,20 +217,26 @@ def test_random_center_baseline_gives_each_center_one_class_or_background():
     assert (without.sum(-1) == 1).all()  # no background choice where there is no background
 
 
-def test_results_table_lists_baselines_under_their_benchmark():
+def test_results_table_puts_methods_side_by_side_per_benchmark_and_protocol():
     from pipelines.evaluate import results_table
 
+    def row(method, protocol, kind, miou):
+        return {
+            "method": method, "protocol": protocol, "benchmark": "demo", "kind": kind,
+            "images": 10, "miou": miou, "pixel_accuracy": 0.75,
+        }  # fmt: skip
+
     table = results_table(
-        {
-            "demo": {
-                "images": 10,
-                "miou": 0.5,
-                "pixel_accuracy": 0.75,
-                "baselines": {"all_background": {"miou": 0.08, "pixel_accuracy": 0.7}},
-            }
-        }
+        [
+            row("segclip", "segclip", "model", 0.5),
+            row("all_background", "segclip", "baseline", 0.08),
+            row("maskclip", "segclip", "training_free", 0.1),
+            row("naclip", "sclip336", "training_free", 0.2),
+        ]
     )
     assert table.splitlines()[2:] == [
-        "| demo | model | 10 | 50.0 | 75.0 |",
-        "| demo | baseline: all_background | 10 | 8.0 | 70.0 |",
+        "| demo | segclip | segclip | 10 | 50.0 | 75.0 |",
+        "| demo | segclip | maskclip | 10 | 10.0 | 75.0 |",
+        "| demo | segclip | baseline: all_background | 10 | 8.0 | 75.0 |",
+        "| demo | sclip336 | naclip | 10 | 20.0 | 75.0 |",
     ]

@@ -39,5 +39,7 @@ def test_protocol_entries_carry_their_own_name():
 def test_benchmarks_and_protocols_are_checked_when_the_config_loads():
     with pytest.raises(cfg.ConfigError, match=r"eval\.benchmarks\.1: Input should be 'voc'"):
         cfg.load_config("tiny", ["eval.benchmarks=[demo, vocc]"])
-    with pytest.raises(cfg.ConfigError, match=r"eval\.protocol: Input should be 'segclip'"):
-        cfg.load_config("tiny", ["eval.protocol=segclip2"])
+    with pytest.raises(cfg.ConfigError, match=r"eval\.protocols\.0: Input should be 'segclip'"):
+        cfg.load_config("tiny", ["eval.protocols=[segclip2]"])
+    with pytest.raises(cfg.ConfigError, match=r"eval\.methods\.1: Input should be 'segclip'"):
+        cfg.load_config("tiny", ["eval.methods=[segclip, maskclip2]"])

@@ -55,7 +55,8 @@ def test_how_a_run_is_carried_out_leaves_the_train_key_alone(override):
         ("ingest", "ingest.image_size=64"),
         ("ingest", "demo.seed=5"),
         ("superpixels", "data.felzenszwalb_scale=50"),
-        ("evaluate", "eval.protocol=tcl448"),
+        ("evaluate", "eval.protocols=[tcl448]"),
+        ("evaluate", "eval.methods=[segclip, naclip]"),
         ("evaluate", "eval.benchmarks=[demo]"),
         ("evaluate", "train.seed=3"),  # the random_centers baseline draws with it
     ],
