@@ -11,6 +11,7 @@ from typing import get_args
 
 from segclip.config import (
     ConfigError,
+    MethodName,
     ProtocolName,
     available_profiles,
     config_to_yaml,
@@ -62,6 +63,12 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         help="evaluation protocol: resize, windows, prompts (default: segclip)",
     )
     parser.add_argument(
+        "--method",
+        default="segclip",
+        choices=get_args(MethodName),
+        help="segclip (the model's centers, default) or a training-free method on its CLIP tower",
+    )
+    parser.add_argument(
         "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N"
     )
     parser.add_argument(
@@ -82,6 +89,7 @@ def _predict_command(args: argparse.Namespace) -> int:
         args.output,
         background_threshold=args.background_threshold,
         protocol=args.protocol,
+        method=args.method,
         device=args.device,
     ):
         print(f"{label_path}  {overlay_path}")

@@ -101,3 +101,22 @@ def test_predict_refuses_an_empty_vocabulary_and_an_unknown_protocol(tmp_path, c
     assert stopped.value.code == 2
     assert "invalid choice: 'segclip9'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_predict_runs_a_training_free_method_and_refuses_an_unknown_one(tmp_path, tiny_model):
+    import numpy as np
+    from PIL import Image
+
+    from segclip.config import ConfigError
+    from segclip.eval.predict import Predictor
+    from segclip.model import save_checkpoint
+
+    checkpoint = save_checkpoint(tiny_model, tmp_path / "m.safetensors")
+    image = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8)).save(image)
+    out = tmp_path / "out"
+    base = ["predict", "--checkpoint", str(checkpoint), "--output", str(out), str(image)]
+    assert main([*base, "--classes", "cat,sky", "--method", "maskclip"]) == 0
+    assert np.asarray(Image.open(out / "x_label.png")).shape == (40, 56)
+    with pytest.raises(ConfigError, match="unknown method 'plain'"):
+        Predictor(tiny_model, ["cat"], method="plain")
