@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,46 @@ def _predict_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="our .safetensors checkpoint (path or URL), the authors' released .bin, or a "
+        "profile name (e.g. tiny: an untrained toy model)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--protocol",
+        default="segclip",
+        choices=get_args(ProtocolName),
+        help="the form's default protocol (segclip_learned_scale for models trained from "
+        "scratch, like the demo's)",
+    )
+
+
+def _app_command(args: argparse.Namespace) -> int:
+    from segclip.app import serve_app  # torch and open_clip only when needed
+
+    with serve_app(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        protocol=args.protocol,
+    ) as app:
+        print(f"segclip app: {app.url}  ({app.model_name}; Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("segclip app: stopped", flush=True)
+    return 0
+
+
 def _coco_object_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "root",
@@ -128,6 +169,11 @@ COMMANDS: dict[str, Command] = {
         "segment images with any vocabulary; writes a label PNG and an overlay per image",
         _predict_arguments,
         _predict_command,
+    ),
+    "app": Command(
+        "a local web page: upload an image, name classes, see the segmentation overlay",
+        _app_arguments,
+        _app_command,
     ),
     "convert-coco-object": Command(
         "write COCO-Object (81-class) label maps from COCO-Stuff-164k val annotations",

@@ -19,6 +19,7 @@ EVERY_COMMAND = [
     "ui",
     "config",
     "predict",
+    "app",
     "convert-coco-object",
 ]
 

@@ -21,6 +21,7 @@ SEGCLIP_LAYERS = (
     ("segclip.data",),
     ("segclip.train", "segclip.eval"),
     ("segclip.stage",),
+    ("segclip.app",),
     ("segclip.cli",),
     ("segclip",),
 )  # fmt: skip
