@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.parser import BytesParser
+from email.utils import collapse_rfc2231_value
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,10 +88,11 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, FormField]:
     fields: dict[str, FormField] = {}
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
+        name = collapse_rfc2231_value(name) if name else ""
         if not name or name in fields:
             continue
-        payload = part.get_payload(decode=True)
-        fields[str(name)] = FormField(payload or b"", part.get_filename())
+        payload = part.get_payload(decode=True)  # None for a nested multipart: no field
+        fields[name] = FormField(payload or b"", part.get_filename())
     return fields
 
 
