@@ -35,8 +35,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segclip.config import ConfigError
 from segclip.device import resolve_device
-from segclip.eval.predict import METHODS, Prediction, Predictor
+from segclip.eval.predict import Prediction, Predictor
 from segclip.eval.protocol import PROTOCOLS
+from segclip.eval.segment import METHODS
 from segclip.model import SegCLIP, load_model
 
 MAX_UPLOAD_BYTES = 32 * 2**20  # the whole form

@@ -18,11 +18,8 @@ from segclip.data.voc import palette_image
 from segclip.device import resolve_device
 from segclip.eval.overlay import LegendEntry, legend, render_overlay
 from segclip.eval.protocol import PROTOCOLS
-from segclip.eval.segment import TRAINING_FREE, Segmenter
+from segclip.eval.segment import METHODS, Segmenter
 from segclip.model import SegCLIP, load_model
-
-# What `method` may name: the model's centers, or a training-free method on its CLIP tower.
-METHODS = ("segclip", *TRAINING_FREE)
 
 
 @dataclass(frozen=True)

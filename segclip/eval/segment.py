@@ -24,6 +24,8 @@ from segclip.model import CaptionTokenizer, ImageEncoding, SegCLIP, VisionMode
 
 # The training-free methods an evaluation can run beside SegCLIP ("plain" is their reference).
 TRAINING_FREE = tuple(name for name in DENSE_METHODS if name != "plain")
+# What a Segmenter's `method` may name: the model's centers, or a training-free method.
+METHODS = ("segclip", *TRAINING_FREE)
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -103,9 +105,8 @@ class Segmenter:
         labeller: CenterLabeller | None = None,
         method: str = "segclip",
     ) -> None:
-        if method != "segclip" and method not in TRAINING_FREE:
-            known = ", ".join(["segclip", *TRAINING_FREE])
-            raise ValueError(f"unknown method {method!r}; methods: {known}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
         self.method = method
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)

@@ -10,6 +10,7 @@ from segclip.data.superpixels import PATCH_REDUCTIONS, SUPERPIXEL_METHODS
 from segclip.eval.baselines import BASELINES
 from segclip.eval.datasets import BENCHMARKS
 from segclip.eval.protocol import PROTOCOLS
+from segclip.eval.segment import METHODS
 from segclip.losses import KL_FORMS
 from segclip.train.step import AUTOCAST_DTYPES
 
@@ -25,6 +26,7 @@ from segclip.train.step import AUTOCAST_DTYPES
         (cfg.BenchmarkName, BENCHMARKS),
         (cfg.BaselineName, BASELINES),
         (cfg.IngestSource, SOURCES),
+        (cfg.MethodName, METHODS),
     ],
     ids=lambda value: getattr(value, "__name__", ""),
 )
