@@ -37,6 +37,13 @@ EXPERIMENT = "segclip"
 RUN_ID_FILE = "mlflow_run_id"
 MAX_PARAM_LENGTH = 6000
 SERVER_PROBE_TIMEOUT_S = 5.0
+# The experiment's kind for MLflow 3's UI: "custom_model_development" is its classic
+# model-training kind ("Machine learning": runs, metrics, charts) as opposed to a GenAI project
+# (traces first); the value is the ExperimentKind enum of the UI bundled with MLflow 3.17. That
+# UI also keeps a per-browser GenAI / model-training switch, so the runs page URL names it too
+# (runs_page_url).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def _local_store_folder(workdir: UPath) -> Path:
@@ -78,16 +85,23 @@ def tracking_client(config: SegCLIPConfig) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, config: SegCLIPConfig) -> str:
-    """The project's experiment, created on first use (artifacts beside a local store)."""
+    """The project's experiment, created on first use (artifacts beside a local store) and
+    tagged as a model-training experiment, also when an older version created it untagged."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return experiment.experiment_id
     artifacts = None
     if client.tracking_uri.startswith("sqlite:///"):
         workdir = location(config.runtime.workdir)
         folder = workdir / "mlartifacts"
         artifacts = Path(folder).as_uri() if is_local(workdir) else str(folder)
-    return client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    return client.create_experiment(
+        EXPERIMENT, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -3,7 +3,14 @@ import socket
 import pytest
 
 from segclip.config import load_config
-from segclip.tracking import experiment_id, flatten, tracking_client, tracking_uri
+from segclip.tracking import (
+    EXPERIMENT,
+    EXPERIMENT_KIND_TAG,
+    experiment_id,
+    flatten,
+    tracking_client,
+    tracking_uri,
+)
 
 
 def test_configs_flatten_to_dotted_params():
@@ -31,6 +38,26 @@ def test_local_store_keeps_artifacts_in_the_workdir(tmp_path, monkeypatch):
     experiment = client.get_experiment(experiment_id(client, config))
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
     assert experiment_id(client, config) == experiment.experiment_id  # found, not created again
+
+
+def test_the_experiment_is_a_model_training_experiment_for_the_ui(tmp_path, monkeypatch):
+    """Created with MLflow 3's classic kind; an experiment an older version created untagged
+    gets it; a kind someone chose in the UI is kept."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config("tiny", [f"runtime.workdir={tmp_path}"])
+    client = tracking_client(config)
+    created = client.get_experiment(experiment_id(client, config))
+    assert created.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.delete_experiment_tag(created.experiment_id, EXPERIMENT_KIND_TAG)
+    assert EXPERIMENT_KIND_TAG not in client.get_experiment(created.experiment_id).tags
+    assert experiment_id(client, config) == created.experiment_id
+    tags = client.get_experiment_by_name(EXPERIMENT).tags
+    assert tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    client.set_experiment_tag(created.experiment_id, EXPERIMENT_KIND_TAG, "genai_development")
+    experiment_id(client, config)
+    assert client.get_experiment(created.experiment_id).tags[EXPERIMENT_KIND_TAG] == (
+        "genai_development"
+    )
 
 
 def test_an_unreachable_server_fails_fast_naming_the_fix():
