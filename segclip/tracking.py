@@ -35,6 +35,9 @@ from segclip.storage import is_local, local_copy, location
 
 EXPERIMENT = "segclip"
 RUN_ID_FILE = "mlflow_run_id"
+# Metric prefixes a pipeline's parent run copies from its stages: the losses training logs
+# (their values at the last step) and the results evaluation logs.
+SUMMARY_METRICS = ("loss/", "miou/", "pixel_accuracy/")
 MAX_PARAM_LENGTH = 6000
 SERVER_PROBE_TIMEOUT_S = 5.0
 # The experiment's kind for MLflow 3's UI: "custom_model_development" is its classic
@@ -263,14 +266,20 @@ def start_pipeline_run(
 def finish_pipeline_run(
     config: SegCLIPConfig, lineage: Lineage, stage_runs: Mapping[str, str], failed: bool
 ) -> None:
-    """Record which run each stage came from and copy the last stage's metrics (the benchmark
-    results, once evaluation ran) onto the parent, so parents compare directly in the UI."""
+    """Record which run each stage came from and copy onto the parent the last stage's metrics
+    (the benchmark results, once evaluation ran) and every stage's summary metrics (the final
+    losses, the mIoU per method, protocol and benchmark), so parents compare directly in the UI
+    and the runs table shows them as columns."""
     client = tracking_client(config)
     parent = lineage.parent_run_id
     assert parent is not None, "a pipeline run has a parent run"
     set_tags(client, parent, {f"segclip.run.{stage}": run for stage, run in stage_runs.items()})
     if stage_runs:
+        metrics = {}
+        for run in stage_runs.values():
+            latest = latest_metrics(client, run)
+            metrics |= {k: v for k, v in latest.items() if k.startswith(SUMMARY_METRICS)}
         last = list(stage_runs.values())[-1]
-        log_metrics(client, parent, latest_metrics(client, last), step=0)
+        log_metrics(client, parent, latest_metrics(client, last) | metrics, step=0)
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
     client.set_terminated(parent, RunStatus.to_string(status))

@@ -6,8 +6,12 @@ from segclip.config import load_config
 from segclip.tracking import (
     EXPERIMENT,
     EXPERIMENT_KIND_TAG,
+    Lineage,
     experiment_id,
+    finish_pipeline_run,
     flatten,
+    log_metrics,
+    start_pipeline_run,
     tracking_client,
     tracking_uri,
 )
@@ -58,6 +62,48 @@ def test_the_experiment_is_a_model_training_experiment_for_the_ui(tmp_path, monk
     assert client.get_experiment(created.experiment_id).tags[EXPERIMENT_KIND_TAG] == (
         "genai_development"
     )
+
+
+def test_the_parent_run_carries_the_final_losses_and_the_results(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config("tiny", [f"runtime.workdir={tmp_path}"])
+    client = tracking_client(config)
+    lineage = start_pipeline_run(config, "pipeline-test", {})
+
+    def child(stage, metrics_by_step):
+        tags = {**Lineage(lineage.parent_run_id).run_tags(), "segclip.stage": stage}
+        run = client.create_run(experiment_id(client, config), tags=tags)
+        for step, metrics in metrics_by_step.items():
+            log_metrics(client, run.info.run_id, metrics, step)
+        return run.info.run_id
+
+    train = child(
+        "train",
+        {
+            step: {"loss/total": 10.0 - step, "loss/contrastive": 5.0 - step, "lr/new": 0.1}
+            for step in (2, 4, 6)
+        },
+    )
+    evaluate = child(
+        "evaluate",
+        {0: {"miou/segclip/segclip/demo": 0.25, "miou/segclip/segclip/voc": 0.5, "count/x": 3}},
+    )
+    finish_pipeline_run(config, lineage, {"train": train, "evaluate": evaluate}, failed=False)
+    parent = client.get_run(lineage.parent_run_id)
+    assert parent.data.metrics == {
+        "loss/total": 4.0,  # the last step's, not the first's
+        "loss/contrastive": -1.0,
+        "miou/segclip/segclip/demo": 0.25,
+        "miou/segclip/segclip/voc": 0.5,
+        "count/x": 3.0,  # the last stage's metrics, as before
+    }
+    assert parent.data.tags["segclip.run.train"] == train
+    assert parent.info.status == "FINISHED"
+    # A pipeline that stopped after training still shows how far its losses got.
+    stopped = start_pipeline_run(config, "pipeline-stopped", {})
+    finish_pipeline_run(config, stopped, {"train": train}, failed=True)
+    run = client.get_run(stopped.parent_run_id)
+    assert run.data.metrics["loss/total"] == 4.0 and run.info.status == "FAILED"
 
 
 def test_an_unreachable_server_fails_fast_naming_the_fix():
