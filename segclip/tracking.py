@@ -15,9 +15,11 @@ parent shows all four stages side by side.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,6 +49,12 @@ SERVER_PROBE_TIMEOUT_S = 5.0
 # (runs_page_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# A saved view of the runs table (the UI's "Views" menu; the UI stores each as an experiment tag
+# with this prefix): the mIoU columns, then the losses.
+RUNS_VIEW, RUNS_VIEW_NAME = "segclip-results", "segclip: mIoU and losses"
+RUNS_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_MAX_RUNS = 1000  # the newest runs name the columns
+RUNS_VIEW_MAX_LENGTH = 20_000  # MLflow's limit on an experiment tag's value
 
 
 def _local_store_folder(workdir: UPath) -> Path:
@@ -105,6 +113,34 @@ def experiment_id(client: MlflowClient, config: SegCLIPConfig) -> str:
     return client.create_experiment(
         EXPERIMENT, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     )
+
+
+def save_runs_view(client: MlflowClient, experiment: str) -> str:
+    """A saved view of the experiment's runs table with a column for each mIoU and loss its runs
+    logged (MLflow's runs table shows no metric column until one is picked); rewritten on each
+    call, so new benchmarks appear. Returns the view's key, for `runs_page_url`."""
+    keys: set[str] = set()
+    for run in client.search_runs([experiment], max_results=RUNS_VIEW_MAX_RUNS):
+        keys.update(run.data.metrics)
+    results = sorted(key for key in keys if key.startswith("miou/"))
+    losses = sorted(key for key in keys if key.startswith("loss/"))
+    now = int(time.time() * 1000)
+    while True:
+        columns = [f"metrics.`{key}`" for key in results + losses]
+        state = json.dumps({"selectedColumns": columns})
+        view = {"name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now, "state": state}
+        if len(json.dumps(view)) <= RUNS_VIEW_MAX_LENGTH:
+            break
+        results = results[: len(results) * 9 // 10]  # more than a tag holds: the first ones
+    client.set_experiment_tag(experiment, RUNS_VIEW_TAG_PREFIX + RUNS_VIEW, json.dumps(view))
+    return RUNS_VIEW
+
+
+def runs_page_url(ui: str, experiment: str, view: str | None = None) -> str:
+    """The experiment's runs table in the MLflow UI served at `ui`, in the model-training view
+    (MLflow 3 opens the GenAI one by default), with a saved view's columns if given."""
+    query = {"workflowType": "machine_learning"} | ({"viewStateShareKey": view} if view else {})
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?{urllib.parse.urlencode(query)}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

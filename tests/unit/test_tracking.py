@@ -1,3 +1,4 @@
+import json
 import socket
 
 import pytest
@@ -11,6 +12,8 @@ from segclip.tracking import (
     finish_pipeline_run,
     flatten,
     log_metrics,
+    runs_page_url,
+    save_runs_view,
     start_pipeline_run,
     tracking_client,
     tracking_uri,
@@ -104,6 +107,42 @@ def test_the_parent_run_carries_the_final_losses_and_the_results(tmp_path, monke
     finish_pipeline_run(config, stopped, {"train": train}, failed=True)
     run = client.get_run(stopped.parent_run_id)
     assert run.data.metrics["loss/total"] == 4.0 and run.info.status == "FAILED"
+
+
+def test_the_runs_view_has_a_column_for_each_miou_and_loss(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config("tiny", [f"runtime.workdir={tmp_path}"])
+    client = tracking_client(config)
+    experiment = experiment_id(client, config)
+    for metrics in (
+        {"miou/segclip/segclip/voc": 0.5, "pixel_accuracy/segclip/segclip/voc": 0.9},
+        {"miou/maskclip/tcl448/demo": 0.1, "loss/total": 2.0, "lr/new": 0.1, "count/x": 1},
+    ):
+        log_metrics(client, client.create_run(experiment).info.run_id, metrics, step=0)
+
+    def columns():
+        view = save_runs_view(client, experiment)
+        saved = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{view}"])
+        assert saved["name"] and isinstance(saved["createdAt"], int)
+        return view, json.loads(saved["state"])["selectedColumns"]
+
+    view, selected = columns()
+    assert selected == [
+        "metrics.`miou/maskclip/tcl448/demo`",
+        "metrics.`miou/segclip/segclip/voc`",
+        "metrics.`loss/total`",
+    ]
+    # Rewritten each time: a benchmark measured since appears; so many that the tag would
+    # pass MLflow's limit are cut, the losses kept.
+    run = client.create_run(experiment).info.run_id
+    many = {f"miou/segclip/segclip_learned_scale/benchmark_{i:04d}": 0.0 for i in range(600)}
+    log_metrics(client, run, many, step=0)
+    again, selected = columns()
+    assert again == view and 200 < len(selected) < 600 and selected[-1] == "metrics.`loss/total`"
+    assert runs_page_url("http://127.0.0.1:5001/", experiment, view) == (
+        f"http://127.0.0.1:5001/#/experiments/{experiment}/runs"
+        f"?workflowType=machine_learning&viewStateShareKey={view}"
+    )
 
 
 def test_an_unreachable_server_fails_fast_naming_the_fix():
