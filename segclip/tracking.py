@@ -257,6 +257,23 @@ def latest_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
     return dict(client.get_run(run_id).data.metrics)
 
 
+def metric_histories(
+    client: MlflowClient, run_id: str, prefix: str
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Each of the run's metrics named `prefix...`: its steps in order and the value logged last
+    at each (a training restarted from a checkpoint logs the steps since that checkpoint again)."""
+    histories = {}
+    for name in sorted(key for key in latest_metrics(client, run_id) if key.startswith(prefix)):
+        by_step = {}
+        for metric in sorted(
+            client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp)
+        ):
+            by_step[metric.step] = metric.value
+        steps = sorted(by_step)
+        histories[name] = (steps, [by_step[step] for step in steps])
+    return histories
+
+
 def link_stage_run(client: MlflowClient, result: StageResult, lineage: Lineage) -> str:
     """The stage's run as seen from `lineage`'s parent: the producing run itself when it is
     already a child of that parent, else a new link child naming it, with its metrics."""

@@ -1,5 +1,6 @@
 import json
 import socket
+import time
 
 import pytest
 
@@ -12,6 +13,7 @@ from segclip.tracking import (
     finish_pipeline_run,
     flatten,
     log_metrics,
+    metric_histories,
     runs_page_url,
     save_runs_view,
     start_pipeline_run,
@@ -143,6 +145,22 @@ def test_the_runs_view_has_a_column_for_each_miou_and_loss(tmp_path, monkeypatch
         f"http://127.0.0.1:5001/#/experiments/{experiment}/runs"
         f"?workflowType=machine_learning&viewStateShareKey={view}"
     )
+
+
+def test_metric_histories_keep_the_last_value_logged_at_each_step(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config("tiny", [f"runtime.workdir={tmp_path}"])
+    client = tracking_client(config)
+    run = client.create_run(experiment_id(client, config)).info.run_id
+    for step in (2, 4, 6):
+        log_metrics(client, run, {"loss/total": 10 - step, "loss/kl": step, "lr/new": 1}, step)
+    time.sleep(0.01)  # later, in milliseconds: restarted from the step-2 checkpoint
+    log_metrics(client, run, {"loss/total": 0.5}, 4)
+    log_metrics(client, run, {"loss/total": 0.25}, 6)
+    assert metric_histories(client, run, "loss/") == {
+        "loss/kl": ([2, 4, 6], [2.0, 4.0, 6.0]),
+        "loss/total": ([2, 4, 6], [8.0, 0.5, 0.25]),
+    }
 
 
 def test_an_unreachable_server_fails_fast_naming_the_fix():
