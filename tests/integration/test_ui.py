@@ -1,4 +1,4 @@
-"""`segclip ui` in a real browser: two evaluate runs in the workdir's MLflow store, the command
+"""`segclip ui` in a real browser: two pipeline runs in the workdir's MLflow store, the command
 as a user starts it, headless Chromium on the runs page it prints."""
 
 import os
@@ -19,7 +19,16 @@ from pipelines import evaluate
 from segclip.config import load_config
 from segclip.manifest import file_ref
 from segclip.model import build_model, save_checkpoint
-from segclip.tracking import EXPERIMENT, tracking_uri
+from segclip.tracking import (
+    EXPERIMENT,
+    experiment_id,
+    finish_pipeline_run,
+    link_stage_run,
+    log_metrics,
+    start_pipeline_run,
+    tracking_client,
+    tracking_uri,
+)
 from tests.integration.browser import chromium, wait_for_text
 from tests.integration.tiny_run import SEGCLIP
 
@@ -28,7 +37,7 @@ pytestmark = pytest.mark.slow
 UI_START_TIMEOUT_S = 300  # MLflow's server imports for tens of seconds on a busy 2-core machine
 PAGE_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 30
-MIOU = "miou/segclip/segclip/demo"
+MIOU, LOSS = "miou/segclip/segclip/demo", "loss/total"
 
 # Every cell of the runs table by row: {row index: {column id: text}}. The grid draws a row's
 # pinned and scrolling parts as separate elements with the same row index.
@@ -86,15 +95,18 @@ def segclip_ui(workdir: Path, port: int, log: Path) -> Iterator[tuple[str, str]]
                 continue
 
 
-def test_the_ui_opens_on_the_runs_table_with_the_miou_of_each_run(
+def test_the_ui_opens_on_the_runs_table_with_each_pipeline_runs_miou_and_loss(
     tmp_path, tiny_config, monkeypatch
 ):
+    """Two pipeline runs, each a parent with a training child (its losses logged through the
+    tracking functions, as rank 0 does) and a real evaluate stage; the printed page shows both
+    parents with their mIoU and final loss as columns."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store beside the workdir
     torch.manual_seed(0)
     checkpoint = save_checkpoint(build_model(tiny_config.model), tmp_path / "m.safetensors")
     workdir = tmp_path / "work"
-    runs = {}  # run name -> mIoU
-    for overlays in (0, 1):  # two settings of the evaluate stage: two keyed runs
+    runs = {}  # parent run name -> (mIoU, final loss)
+    for overlays in (0, 1):  # two settings of the evaluate stage: two keyed outputs
         config = load_config(
             "tiny",
             [
@@ -108,10 +120,21 @@ def test_the_ui_opens_on_the_runs_table_with_the_miou_of_each_run(
                 f"eval.overlays={overlays}",
             ],
         )
-        result = evaluate.run(config, [file_ref(checkpoint)])
+        client = tracking_client(config)
+        name = f"pipeline-overlays-{overlays}"
+        lineage = start_pipeline_run(config, name, {})
+        train = client.create_run(
+            experiment_id(client, config), tags={**lineage.run_tags(), "segclip.stage": "train"}
+        ).info.run_id
+        for step in (1, 2, 3):
+            log_metrics(client, train, {"loss/total": 3.0 / step + overlays}, step)
+        client.set_terminated(train)
+        result = evaluate.run(config, [file_ref(checkpoint)], lineage=lineage)
+        stages = {"train": train, "evaluate": link_stage_run(client, result, lineage)}
+        finish_pipeline_run(config, lineage, stages, failed=False)
         [row] = evaluate.read_results(result)
-        runs[f"evaluate-{result.output_dir.name}"] = row["miou"]
-    assert len(runs) == 2 and all(miou > 0.001 for miou in runs.values())
+        runs[name] = (row["miou"], 1.0 + overlays)
+    assert len(runs) == 2 and all(miou > 0.001 for miou, _ in runs.values())
 
     port = free_port()
     with segclip_ui(workdir, port, tmp_path / "ui.log") as (store, url):
@@ -121,16 +144,18 @@ def test_the_ui_opens_on_the_runs_table_with_the_miou_of_each_run(
         assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}")
         with chromium() as driver:
             driver.get(url)
-            wait_for_text(driver, *runs, MIOU, timeout_s=PAGE_TIMEOUT_S)
+            wait_for_text(driver, *runs, MIOU, LOSS, timeout_s=PAGE_TIMEOUT_S)
             assert "/runs" in driver.current_url  # the runs table, not GenAI's traces
-            shown = {}  # run name -> the mIoU its row shows
+            shown = {}  # run name -> (mIoU, loss) its row shows
             deadline = time.monotonic() + PAGE_TIMEOUT_S
             while set(shown) != set(runs) and time.monotonic() < deadline:
                 for cells in driver.execute_script(TABLE_CELLS).values():
                     name = next((n for n in runs if any(n in v for v in cells.values())), None)
-                    if name and cells.get(f"metrics.`{MIOU}`"):
-                        shown[name] = float(cells[f"metrics.`{MIOU}`"])
+                    miou, loss = cells.get(f"metrics.`{MIOU}`"), cells.get(f"metrics.`{LOSS}`")
+                    if name and miou and loss:
+                        shown[name] = (float(miou), float(loss))
                 time.sleep(0.5)
     assert set(shown) == set(runs), shown
-    for name, miou in runs.items():
-        assert shown[name] == pytest.approx(miou, abs=1e-3)  # the table rounds
+    for name, (miou, loss) in runs.items():
+        assert shown[name][0] == pytest.approx(miou, abs=1e-3)  # the table rounds
+        assert shown[name][1] == pytest.approx(loss)  # the last step's, not the first's
