@@ -7,9 +7,26 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE := disabled
 
-.PHONY: setup test test-fast demo lint bench gpu-wheels gpu-check clean
+.PHONY: setup browser test test-fast demo lint bench gpu-wheels gpu-check clean
 
-setup: $(STAMP)
+CHROMIUM ?= /usr/bin/chromium
+CHROMEDRIVER ?= /usr/bin/chromedriver
+
+setup: $(STAMP) browser
+
+# The browser tests drive Debian's chromium through its chromedriver (tests/integration/browser.py);
+# installed with apt-get when missing and run as root (CI), else named.
+browser:
+	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get update -q && \
+			apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+		else \
+			echo "browser tests need chromium and chromedriver: as root," \
+				"apt-get install --no-install-recommends chromium chromium-driver"; \
+		fi; \
+	fi
 
 # torch first (pinned CPU/CUDA build), then img2dataset without its broken
 # `dataclasses` pin, then the project with its real dependency list.
@@ -21,7 +38,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

@@ -5,10 +5,11 @@ dataset fails in seconds with the path it expected and how to get it. One run
 measures every method (the model's centers, the training-free CLIP methods on a CLIP
 tower, the trivial baselines) under every protocol on every benchmark. Results:
 `results.json` (one row per method, protocol and benchmark), per row
-`<method>/<protocol>/<benchmark>/` with `per_class_iou.csv`, `confusion.csv` and
-overlay images, all logged to the stage's MLflow run with each protocol's name,
-version and values. The model runs on `runtime.device`; on a Ray cluster or with GPUs,
-`runtime.eval_actors` model copies share the images, each on the GPU it reserves.
+`<method>/<protocol>/<benchmark>/` with `per_class_iou.csv` and its bar chart
+`per_class_iou.png`, `confusion.csv` and overlay images, all logged to the stage's MLflow
+run with each protocol's name, version and values. The model runs on `runtime.device`; on a
+Ray cluster or with GPUs, `runtime.eval_actors` model copies share the images, each on the GPU
+it reserves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from upath import UPath
 
 from pipelines.ray_runtime import connect, node_id, ray_address, use_reserved_cpus
+from segclip.charts import per_class_iou_chart
 from segclip.config import ConfigError, SegCLIPConfig, available_profiles, load_config
 from segclip.data.demo_data import demo_data_key
 from segclip.device import resolve_device
@@ -40,6 +42,7 @@ from segclip.tracking import log_metrics, log_params
 
 RESULTS_FILE = "results.json"
 PROTOCOLS_FILE = "protocols.json"
+PER_CLASS_CHART = "per_class_iou.png"  # beside per_class_iou.csv
 # Every model copy is loaded before the images are shared out, so all of them take part
 # (the first ready would otherwise take a short benchmark alone); a cluster that cannot
 # place them fails after this long instead of waiting for ever.
@@ -313,6 +316,12 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
                     result, used = _measure(context, measure, benchmark, segmenter)
                     nodes |= used
                     written = result.write(Path(folder) / method / protocol, spec.class_names)
+                    per_class_iou_chart(
+                        spec.class_names,
+                        result.confusion.iou(),
+                        written / PER_CLASS_CHART,
+                        title=f"{measure.path} ({result.images} images)",
+                    )
                     client.log_artifacts(run_id, str(written), artifact_path=measure.path)
                     kind = "training_free" if method in TRAINING_FREE else "model"
                     rows.append(_row(measure, result, kind))

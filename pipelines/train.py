@@ -10,8 +10,10 @@ only adds steps starts from it.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +21,17 @@ from upath import UPath
 
 from pipelines.ray_runtime import alive_nodes, connect, ray_address, ray_storage
 from pipelines.train_worker import WorkerPayload, train_worker
+from segclip.charts import loss_curves_chart
 from segclip.config import TRAIN_KEY_RUNTIME, ConfigError, SegCLIPConfig
 from segclip.manifest import DataRef, load_result, read_result
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import location, publish_folder
-from segclip.tracking import log_params, set_tags, tracking_uri
+from segclip.tracking import TrackedRun, log_params, metric_histories, set_tags, tracking_uri
 from segclip.train.plan import TrainPlan, plan_training
 from segclip.train.state import MODEL_FILE, saved_step
 
 FINAL_DIR = "final"
+LOSS_CHART = "loss_curves.png"  # an artifact of the stage's MLflow run
 RAY_DIR = "ray"  # Ray Train's run folder (its checkpoints) inside the stage folder
 # Settings a run may change and still continue from a shorter run's final state.
 EXTENSION_FIELDS = ("steps", "epochs")
@@ -144,6 +148,26 @@ def _plan(config: SegCLIPConfig, inputs: list[DataRef]) -> TrainingInput:
     )
 
 
+def _log_loss_curves(tracked: TrackedRun, steps: int) -> None:
+    """Every loss rank 0 logged, against the step, as the run's `loss_curves.png`; points that
+    are not finite (a diverged run) are left out and counted in the title."""
+    curves, dropped = {}, 0
+    for name, (at, values) in metric_histories(tracked.client, tracked.run_id, "loss/").items():
+        kept = [(step, value) for step, value in zip(at, values, strict=True) if isfinite(value)]
+        dropped += len(at) - len(kept)
+        if kept:
+            curves[name] = ([step for step, _ in kept], [value for _, value in kept])
+    if not curves:
+        return
+    ordered = dict(sorted(curves.items(), key=lambda item: (item[0] != "loss/total", item[0])))
+    title = f"training losses, {steps} steps" + (
+        f" ({dropped} non-finite values left out)" if dropped else ""
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        chart = loss_curves_chart(ordered, Path(scratch) / LOSS_CHART, title=title)
+        tracked.client.log_artifact(tracked.run_id, str(chart))
+
+
 def _train(context: StageContext[TrainingInput]) -> StageOutput:
     config, output_dir, tracked = context.config, context.output_dir, context.tracked
     plan = context.prepared.plan
@@ -170,6 +194,7 @@ def _train(context: StageContext[TrainingInput]) -> StageOutput:
     with result.checkpoint.as_directory() as folder:
         publish_folder(Path(folder), output_dir / FINAL_DIR)
         tracked.client.log_artifact(tracked.run_id, str(Path(folder) / MODEL_FILE))
+    _log_loss_curves(tracked, plan.total_steps)
     return StageOutput(
         counts={
             "steps": plan.total_steps,

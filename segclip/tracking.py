@@ -15,9 +15,11 @@ parent shows all four stages side by side.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +37,24 @@ from segclip.storage import is_local, local_copy, location
 
 EXPERIMENT = "segclip"
 RUN_ID_FILE = "mlflow_run_id"
+# Metric prefixes a pipeline's parent run copies from its stages: the losses training logs
+# (their values at the last step) and the results evaluation logs.
+SUMMARY_METRICS = ("loss/", "miou/", "pixel_accuracy/")
 MAX_PARAM_LENGTH = 6000
 SERVER_PROBE_TIMEOUT_S = 5.0
+# The experiment's kind for MLflow 3's UI: "custom_model_development" is its classic
+# model-training kind ("Machine learning": runs, metrics, charts) as opposed to a GenAI project
+# (traces first); the value is the ExperimentKind enum of the UI bundled with MLflow 3.17. That
+# UI also keeps a per-browser GenAI / model-training switch, so the runs page URL names it too
+# (runs_page_url).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A saved view of the runs table (the UI's "Views" menu; the UI stores each as an experiment tag
+# with this prefix): the mIoU columns, then the losses.
+RUNS_VIEW, RUNS_VIEW_NAME = "segclip-results", "segclip: mIoU and losses"
+RUNS_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_MAX_RUNS = 1000  # the newest runs name the columns
+RUNS_VIEW_MAX_LENGTH = 20_000  # MLflow's limit on an experiment tag's value
 
 
 def _local_store_folder(workdir: UPath) -> Path:
@@ -78,16 +96,51 @@ def tracking_client(config: SegCLIPConfig) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, config: SegCLIPConfig) -> str:
-    """The project's experiment, created on first use (artifacts beside a local store)."""
+    """The project's experiment, created on first use (artifacts beside a local store) and
+    tagged as a model-training experiment, also when an older version created it untagged."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return experiment.experiment_id
     artifacts = None
     if client.tracking_uri.startswith("sqlite:///"):
         workdir = location(config.runtime.workdir)
         folder = workdir / "mlartifacts"
         artifacts = Path(folder).as_uri() if is_local(workdir) else str(folder)
-    return client.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    return client.create_experiment(
+        EXPERIMENT, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+
+
+def save_runs_view(client: MlflowClient, experiment: str) -> str:
+    """A saved view of the experiment's runs table with a column for each mIoU and loss its runs
+    logged (MLflow's runs table shows no metric column until one is picked); rewritten on each
+    call, so new benchmarks appear. Returns the view's key, for `runs_page_url`."""
+    keys: set[str] = set()
+    for run in client.search_runs([experiment], max_results=RUNS_VIEW_MAX_RUNS):
+        keys.update(run.data.metrics)
+    results = sorted(key for key in keys if key.startswith("miou/"))
+    losses = sorted(key for key in keys if key.startswith("loss/"))
+    now = int(time.time() * 1000)
+    while True:
+        columns = [f"metrics.`{key}`" for key in results + losses]
+        state = json.dumps({"selectedColumns": columns})
+        view = {"name": RUNS_VIEW_NAME, "createdAt": now, "updatedAt": now, "state": state}
+        if len(json.dumps(view)) <= RUNS_VIEW_MAX_LENGTH:
+            break
+        results = results[: len(results) * 9 // 10]  # more than a tag holds: the first ones
+    client.set_experiment_tag(experiment, RUNS_VIEW_TAG_PREFIX + RUNS_VIEW, json.dumps(view))
+    return RUNS_VIEW
+
+
+def runs_page_url(ui: str, experiment: str, view: str | None = None) -> str:
+    """The experiment's runs table in the MLflow UI served at `ui`, in the model-training view
+    (MLflow 3 opens the GenAI one by default), with a saved view's columns if given."""
+    query = {"workflowType": "machine_learning"} | ({"viewStateShareKey": view} if view else {})
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?{urllib.parse.urlencode(query)}"
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -204,6 +257,23 @@ def latest_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
     return dict(client.get_run(run_id).data.metrics)
 
 
+def metric_histories(
+    client: MlflowClient, run_id: str, prefix: str
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Each of the run's metrics named `prefix...`: its steps in order and the value logged last
+    at each (a training restarted from a checkpoint logs the steps since that checkpoint again)."""
+    histories = {}
+    for name in sorted(key for key in latest_metrics(client, run_id) if key.startswith(prefix)):
+        by_step = {}
+        for metric in sorted(
+            client.get_metric_history(run_id, name), key=lambda m: (m.step, m.timestamp)
+        ):
+            by_step[metric.step] = metric.value
+        steps = sorted(by_step)
+        histories[name] = (steps, [by_step[step] for step in steps])
+    return histories
+
+
 def link_stage_run(client: MlflowClient, result: StageResult, lineage: Lineage) -> str:
     """The stage's run as seen from `lineage`'s parent: the producing run itself when it is
     already a child of that parent, else a new link child naming it, with its metrics."""
@@ -249,14 +319,20 @@ def start_pipeline_run(
 def finish_pipeline_run(
     config: SegCLIPConfig, lineage: Lineage, stage_runs: Mapping[str, str], failed: bool
 ) -> None:
-    """Record which run each stage came from and copy the last stage's metrics (the benchmark
-    results, once evaluation ran) onto the parent, so parents compare directly in the UI."""
+    """Record which run each stage came from and copy onto the parent the last stage's metrics
+    (the benchmark results, once evaluation ran) and every stage's summary metrics (the final
+    losses, the mIoU per method, protocol and benchmark), so parents compare directly in the UI
+    and the runs table shows them as columns."""
     client = tracking_client(config)
     parent = lineage.parent_run_id
     assert parent is not None, "a pipeline run has a parent run"
     set_tags(client, parent, {f"segclip.run.{stage}": run for stage, run in stage_runs.items()})
     if stage_runs:
+        metrics = {}
+        for run in stage_runs.values():
+            latest = latest_metrics(client, run)
+            metrics |= {k: v for k, v in latest.items() if k.startswith(SUMMARY_METRICS)}
         last = list(stage_runs.values())[-1]
-        log_metrics(client, parent, latest_metrics(client, last), step=0)
+        log_metrics(client, parent, latest_metrics(client, last) | metrics, step=0)
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
     client.set_terminated(parent, RunStatus.to_string(status))

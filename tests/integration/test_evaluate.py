@@ -7,6 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipelines import evaluate
 from segclip.config import ConfigError, load_config
@@ -78,6 +79,8 @@ def test_every_method_protocol_and_benchmark_is_written_and_tracked(tmp_path, ch
         with open(folder / "per_class_iou.csv") as handle:
             per_class = list(csv.DictReader(handle))
         assert len(per_class) == matrix.matrix.shape[0] == {"demo": 9, "voc20": 20}[cell[2]]
+        with Image.open(folder / "per_class_iou.png") as chart:  # a bar per class
+            assert chart.format == "PNG" and chart.height > 25 * len(per_class)
         assert len(list((folder / "overlays").glob("*.png"))) == 2
     assert {rows[cell]["kind"] for cell in measured if cell[0] == "maskclip"} == {"training_free"}
     # All background, by hand: background IoU = background share of the labelled pixels, 0 for
@@ -108,6 +111,10 @@ def test_every_method_protocol_and_benchmark_is_written_and_tracked(tmp_path, ch
     assert "iterations" in params["protocol.sclip336_pamr.pamr"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"segclip", "maskclip", "results.json", "protocols.json", "manifest.json"} <= artifacts
+    row = {a.path for a in client.list_artifacts(run.info.run_id, "segclip/segclip/voc20")}
+    assert {
+        f"segclip/segclip/voc20/{name}" for name in ("per_class_iou.csv", "per_class_iou.png")
+    } <= row
     assert evaluate.run(config, [file_ref(checkpoint)]).skipped
 
 

@@ -106,7 +106,8 @@ def check_lineage(config, report):
                 producer = client.get_run(produced[folder])
                 assert child.data.tags["segclip.produced_by"] == producer.info.run_id
                 assert child.data.metrics == producer.data.metrics
-        assert children["train"].data.metrics["loss/total"] > 0
+        loss = children["train"].data.metrics["loss/total"]
+        assert loss > 0 and parent.data.metrics["loss/total"] == loss  # a column of the parent
         miou = children["evaluate"].data.metrics["miou/segclip/segclip/demo"]
         assert 0 <= miou <= 1 and parent.data.metrics["miou/segclip/segclip/demo"] == miou
         assert children["ingest"].data.metrics["count/samples"] > 0

@@ -1,6 +1,7 @@
 """The training stage on a real local Ray (2 gloo workers) with a real MLflow SQLite store."""
 
 import pytest
+from PIL import Image
 
 from pipelines import ingest, superpixels, train
 from segclip.config import load_config
@@ -61,7 +62,10 @@ def test_a_short_run_learns_and_is_tracked_in_mlflow(workdir, labels, capfd):
     assert (
         0 <= run.data.metrics["data_wait_fraction"] <= 1 and run.data.metrics["samples_per_s"] > 0
     )
-    assert {a.path for a in client.list_artifacts(run_id)} == {"model.safetensors", "manifest.json"}
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert artifacts == {"model.safetensors", "manifest.json", "loss_curves.png"}
+    with Image.open(client.download_artifacts(run_id, "loss_curves.png", str(workdir))) as chart:
+        assert chart.format == "PNG" and chart.height > 4 * 200  # a panel per loss term
     assert run.info.status == "FINISHED"
     assert train.run(config, [labels]).skipped
     # A local Ray has no dashboard: the cleaner's once-a-second State API warning is silenced.

@@ -12,7 +12,7 @@ FRAMEWORKS = ("ray", "prefect")
 # subpackage, never from a higher layer. `segclip` itself (the package face) is on top.
 SEGCLIP_LAYERS = (
     ("segclip._torchvision_compat", "segclip.storage", "segclip.clip_architecture",
-     "segclip.device"),
+     "segclip.device", "segclip.charts"),
     ("segclip.config",),
     ("segclip.manifest",),
     ("segclip.tracking",),
