@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,26 +22,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from tests.integration.browser import chromium
 from tests.multipart import post_form
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).parents[2]
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 STARTUP_S = 180  # python, torch and open_clip imports plus the tiny model, on a busy 2-core box
 RESULT_S = 120  # one tiny-model prediction; the first also warms torch up
 STOP_S = 30
-
-webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
-if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
-    pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER}", allow_module_level=True)
-
-from selenium.webdriver.chrome.options import Options  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 
 def free_port() -> int:
@@ -103,32 +94,6 @@ def app_server(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
         yield url, process, log
     finally:
         end_process_group(process)
-
-
-@contextmanager
-def chromium() -> Iterator[webdriver.Chrome]:
-    """Headless Chromium with a throw-away profile, always quit."""
-    profile = tempfile.mkdtemp(prefix="segclip-chromium-")
-    options = Options()
-    options.binary_location = CHROMIUM
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1024",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(argument)
-    driver = None
-    try:
-        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-        driver.set_page_load_timeout(RESULT_S)
-        driver.set_script_timeout(30)
-        yield driver
-    finally:
-        if driver is not None:
-            driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 def scene_png(path: Path) -> Path:
