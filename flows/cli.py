@@ -63,8 +63,8 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint",
         metavar="PATH_OR_URL",
-        help="evaluate this checkpoint (ours, the released .bin) or a profile's untrained model "
-        "(e.g. paper: OpenAI CLIP for the training-free methods) instead of this "
+        help="evaluate this checkpoint (ours, the released .bin) or a named CLIP "
+        "(open_clip:ViT-B-16:openai, for the training-free methods) instead of this "
         "configuration's training output; no ingest or training runs",
     )
 

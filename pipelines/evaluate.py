@@ -25,7 +25,7 @@ from upath import UPath
 
 from pipelines.ray_runtime import connect, node_id, ray_address, use_reserved_cpus
 from segclip.charts import per_class_iou_chart
-from segclip.config import ConfigError, SegCLIPConfig, available_profiles, load_config
+from segclip.config import ConfigError, SegCLIPConfig, available_profiles
 from segclip.data.demo_data import demo_data_key
 from segclip.device import resolve_device
 from segclip.eval.baselines import BASELINES
@@ -35,7 +35,7 @@ from segclip.eval.protocol import PROTOCOLS
 from segclip.eval.scoring import BenchmarkResult, evaluate_benchmark
 from segclip.eval.segment import TRAINING_FREE, Segmenter
 from segclip.manifest import DataRef, StageResult, file_ref, json_digest, read_result
-from segclip.model import load_model
+from segclip.model import load_model, named_model
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import local_folder, location
 from segclip.tracking import log_metrics, log_params
@@ -50,17 +50,16 @@ ACTORS_START_TIMEOUT_S = 600
 
 
 def _model_ref(source: str, setting: str) -> DataRef:
-    """A model source named in the config: a checkpoint pinned by its content, or a profile
-    (its untrained model) pinned by the profile's model settings."""
-    if source in available_profiles():
-        return DataRef(url=source, digest=json_digest(load_config(source).model.model_dump()))
+    """A model source named in the config: a checkpoint pinned by its content, or a name (a
+    profile, an open_clip architecture and weights) pinned by the model it gives."""
+    if (named := named_model(source)) is not None:
+        return DataRef(url=source, digest=json_digest(named.model_dump()))
     try:
         return file_ref(source)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{setting} {source} is neither a checkpoint file nor a profile "
-            f"({', '.join(available_profiles())}); give a .safetensors or released .bin "
-            "path or URL"
+            f"{setting} {source} is neither a checkpoint file nor a model name: a profile "
+            f"({', '.join(available_profiles())}) or open_clip:ARCHITECTURE[:WEIGHTS]"
         ) from None
 
 
@@ -101,7 +100,7 @@ class EvaluationInput:
 
 
 def _model_source(ref: DataRef) -> str:
-    if ref.url in available_profiles():
+    if named_model(ref.url) is not None:
         return ref.url
     trained = read_result(ref.url)
     return str(trained.file("model") if trained is not None else location(ref.url))

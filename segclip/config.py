@@ -161,13 +161,13 @@ class EvalConfig(_Section):
     checkpoint: str | None = Field(
         None,
         description="evaluate this instead of the training stage's output: a checkpoint (path or "
-        "fsspec URL, ours or the released .bin) or a profile name (its untrained model with "
-        "the profile's pretrained CLIP weights: the floor for the training-free methods)",
+        "fsspec URL, ours or the released .bin) or a model name, open_clip:ARCH[:WEIGHTS] or a "
+        "profile (an untrained model around that CLIP: the training-free methods' floor)",
     )
     floor_model: str | None = Field(
         None,
-        description="checkpoint or profile whose CLIP tower the training-free methods use "
-        "(e.g. paper = OpenAI ViT-B/16); null = the evaluated model's own",
+        description="checkpoint or model name whose CLIP tower the training-free methods use "
+        "(e.g. open_clip:ViT-B-16:openai); null = the evaluated model's own",
     )
     benchmarks: tuple[BenchmarkName, ...] = ("voc", "context", "coco_object")
     data_root: str = Field("data", description="folder holding each benchmark's dataset")

@@ -4,6 +4,7 @@ from segclip.model.checkpoint import (
     load_checkpoint,
     load_model,
     load_reference_checkpoint,
+    named_model,
     save_checkpoint,
 )
 from segclip.model.params import freeze_parameters, parameter_groups, parameter_role
@@ -27,6 +28,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_reference_checkpoint",
+    "named_model",
     "parameter_groups",
     "parameter_role",
     "save_checkpoint",

@@ -171,15 +171,32 @@ _CHECKPOINT_LOADERS: dict[str, Callable[[Path], SegCLIP]] = {
 }
 
 
+OPEN_CLIP_PREFIX = "open_clip:"  # open_clip:ARCHITECTURE[:WEIGHTS], e.g. open_clip:ViT-B-16:openai
+
+
+def named_model(source: str | Path) -> ModelConfig | None:
+    """The model a name gives, untrained around its CLIP: a profile's, or any open_clip ViT
+    with its pretrained weights (`open_clip:ViT-L-14:laion2b_s32b_b82k`); None for a file."""
+    name = str(source)
+    if name in available_profiles():
+        return load_config(name).model
+    if name.startswith(OPEN_CLIP_PREFIX):
+        architecture, _, weights = name.removeprefix(OPEN_CLIP_PREFIX).partition(":")
+        # group_layer None: depth - 2, valid for any depth (the grouping is not what is used)
+        return ModelConfig(clip_model=architecture, pretrained=weights or None, group_layer=None)
+    return None
+
+
 def load_model(source: str | Path) -> SegCLIP:
     """A model from our checkpoint or the released one (a path or any fsspec URL), or from a
-    profile name."""
-    if str(source) in available_profiles():
-        return build_model(load_config(str(source)).model)
+    name (`named_model`: a profile or an open_clip architecture and weights)."""
+    if (config := named_model(source)) is not None:
+        return build_model(config)
     path = location(source)
     if not path.is_file():
         raise FileNotFoundError(
-            f"{source} is neither a checkpoint file nor a profile; profiles: {available_profiles()}"
+            f"{source} is neither a checkpoint file nor a model name: a profile "
+            f"({', '.join(available_profiles())}) or {OPEN_CLIP_PREFIX}ARCHITECTURE[:WEIGHTS]"
         )
     loader = _CHECKPOINT_LOADERS.get(path.suffix)
     if loader is None:

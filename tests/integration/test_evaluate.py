@@ -119,8 +119,9 @@ def test_every_method_protocol_and_benchmark_is_written_and_tracked(tmp_path, ch
 
 
 def test_a_given_checkpoint_or_profile_is_evaluated_without_training(tmp_path, checkpoint):
-    """eval.checkpoint replaces the training output; a profile name gives its untrained model,
-    on whose CLIP tower the training-free methods run alone."""
+    """eval.checkpoint replaces the training output; a model name (an open_clip architecture
+    and weights, or a profile) gives an untrained model, on whose CLIP tower the
+    training-free methods run alone."""
     given = configure(tmp_path, "eval.benchmarks=[demo]", f"eval.checkpoint={checkpoint}")
     result = evaluate.run(given)
     assert result.manifest.inputs == [file_ref(checkpoint)]
@@ -132,7 +133,10 @@ def test_a_given_checkpoint_or_profile_is_evaluated_without_training(tmp_path, c
     )
     floor = evaluate.run(
         configure(
-            tmp_path, "eval.benchmarks=[demo]", "eval.checkpoint=tiny", "eval.methods=[clearclip]"
+            tmp_path,
+            "eval.benchmarks=[demo]",
+            "eval.checkpoint=open_clip:segclip-tiny",
+            "eval.methods=[clearclip]",
         )
     )
     assert [(r["method"], r["kind"]) for r in evaluate.read_results(floor)] == [

@@ -11,9 +11,11 @@ from segclip.model import (
     build_model,
     load_checkpoint,
     load_model,
+    named_model,
     save_checkpoint,
 )
 from segclip.model.checkpoint import map_reference_key
+from segclip.model.segclip import register_model_configs
 from tests.conftest import FIXTURES
 
 # Where a released key must land in our model: written by hand, not by the key map.
@@ -119,9 +121,25 @@ def test_pretrained_weights_load_from_a_local_open_clip_file(tmp_path):
         assert torch.equal(model.clip.state_dict()[name], value), name
 
 
+def test_an_open_clip_name_gives_that_clip_untrained_around_it(tmp_path):
+    """open_clip:ARCHITECTURE[:WEIGHTS]: the floor of the training-free methods on any ViT."""
+    register_model_configs()  # this package's tiny architecture, for open_clip itself
+    torch.manual_seed(3)
+    clip = open_clip.create_model("segclip-tiny")
+    path = tmp_path / "clip.pt"
+    torch.save(clip.state_dict(), path)
+    model = load_model(f"open_clip:segclip-tiny:{path}")
+    assert named_model(f"open_clip:segclip-tiny:{path}").clip_model == "segclip-tiny"
+    for name, value in clip.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[name], value), name
+    assert named_model("open_clip:segclip-tiny").pretrained is None
+    assert named_model(tmp_path / "model.safetensors") is None
+
+
 def test_bad_sources_get_clear_errors(tmp_path):
     with pytest.raises(
-        FileNotFoundError, match=r"neither a checkpoint file nor a profile; profiles: \["
+        FileNotFoundError,
+        match=r"neither a checkpoint file nor a model name: a profile \(.*tiny.*\) or open_clip:",
     ):
         load_model(tmp_path / "missing.safetensors")
     save_file({"x": torch.zeros(1)}, tmp_path / "foreign.safetensors")
