@@ -69,7 +69,7 @@ def test_the_pipeline_runs_with_its_workdir_on_the_store(endpoint, tmp_path, mon
     folders = stage_folders(first.stdout)
     assert list(folders) == ["ingest", "superpixels", "train", "evaluate"]
     assert all(folder.startswith(f"{workdir}/{stage}/") for stage, folder in folders.items())
-    assert "| demo | model | 4 |" in first.stdout
+    assert "| demo | segclip | segclip | 4 |" in first.stdout
 
     config = load_config("tiny", settings)
     results = {stage: load_result(folder) for stage, folder in folders.items()}

@@ -232,8 +232,8 @@ def test_a_pipeline_run_logs_to_the_team_mlflow_server_over_http(team, tmp_path)
     losses = client.get_metric_history(children["train"].info.run_id, "loss/total")
     assert sorted(m.step for m in losses) == [1, 2, 3]
     assert all(m.value > 0 for m in losses)
-    miou = children["evaluate"].data.metrics["miou/segclip/segclip/demo"]
-    assert 0 <= miou <= 1 and parent.data.metrics["miou/segclip/segclip/demo"] == miou
+    miou = children["evaluate"].data.metrics["miou/segclip/segclip_learned_scale/demo"]
+    assert 0 <= miou <= 1 and parent.data.metrics["miou/segclip/segclip_learned_scale/demo"] == miou
 
     # Artifacts go through the server (clients hold no store credentials for them) ...
     ingest = children["ingest"].info
@@ -332,7 +332,7 @@ def test_the_demo_deployment_runs_on_the_team_worker_and_tags_its_mlflow_runs(de
     assert "segclip.link" not in evaluated.data.tags
     assert (
         evaluated.info.status == "FINISHED"
-        and "miou/segclip/segclip/demo" in evaluated.data.metrics
+        and "miou/segclip/segclip_learned_scale/demo" in evaluated.data.metrics
     )
     # ... on the stack's Ray head: the flow-run process joined it as a driver.
     assert any("prefect" in driver and "engine" in driver for driver in ray_drivers(team))
