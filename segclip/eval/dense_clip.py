@@ -16,7 +16,7 @@ class token in the sequence as CLIP runs them. Notation for the last block, inpu
 
     plain      Z = X + Attn(softmax(q k^T s)),             out = Z + FFN(Z)   (CLIP itself)
     maskclip   Z = X + ls_1(out_proj(v)),                  out = Z + FFN(Z)
-    sclip      out = X + Attn(softmax(q q^T s) + softmax(k k^T s))           (no FFN)
+    sclip      Z = X + Attn(softmax(q q^T s) + softmax(k k^T s)),  out = Z + FFN(Z)
     clearclip  out = Attn(softmax(q q^T s))                (no residual, no FFN)
     naclip     out = Attn(softmax(k k^T s + G))            (no residual, no FFN)
 
@@ -168,14 +168,16 @@ def sclip_last_block(
 
     The last attention layer reuses its pretrained projections but scores tokens by their
     correlation with each other in the query space and in the key space, and sums the two
-    attention maps (each row of the sum adds up to 2); the residual connection around the
-    attention is kept and the last block's FFN is dropped.
+    attention maps (each row of the sum adds up to 2). Only the attention map changes: the
+    residual connection and the block's FFN residual branch stay as CLIP has them (as in the
+    authors' released encoder, wangf3014/SCLIP clip/model.py).
 
-        out = X + ls_1(out_proj(concat_h((softmax(q_h q_h^T s) + softmax(k_h k_h^T s)) v_h)))
+        Z = X + ls_1(out_proj(concat_h((softmax(q_h q_h^T s) + softmax(k_h k_h^T s)) v_h)))
+        out = Z + ls_2(mlp(ln_2(Z)))
     """
     if not modified:
         return _plain_block(block, x)
-    return _block(block, x, _correlative, residual=True, ffn=False)
+    return _block(block, x, _correlative, residual=True, ffn=True)
 
 
 def _query_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,8 @@ def _maskclip_by_hand():
 
 
 def _sclip_by_hand():
-    return X + _attention(_softmax(Q @ Q.T * S) + _softmax(K @ K.T * S))  # no FFN
+    z = X + _attention(_softmax(Q @ Q.T * S) + _softmax(K @ K.T * S))  # only the map changes
+    return z + _ffn(z)
 
 
 def _clearclip_by_hand():
