@@ -19,8 +19,21 @@ from segclip.cli import COMMANDS, Command, add_config_arguments
 from segclip.cli import main as run_command
 from segclip.config import load_config
 from segclip.manifest import load_result
+from segclip.sweep import SweepRecord, is_axis, plan_sweep, sweep_members, sweep_table
 
 UI_PROBE_INTERVAL_S, UI_PROBE_TIMEOUT_S, UI_STOP_TIMEOUT_S = 0.5, 2.0, 10.0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} lists a seed twice")
+    return seeds
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +46,14 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="STAGE",
         help="rerun this stage even if its output is finished (repeatable); later stages follow",
     )
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=[],
+        metavar="S,S,...",
+        help="one run per train.seed (a sweep: ingest and superpixels once, the results as "
+        "mean ± std); an override with a list of values (train.lr_new=[1e-3,2e-3]) adds a grid",
+    )
 
 
 def _print_results(evaluated: str) -> None:
@@ -42,6 +63,8 @@ def _print_results(evaluated: str) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    if args.seeds or any(is_axis(override) for override in args.overrides):
+        return _sweep_command(args)
     from flows.pipeline import pipeline_flow
 
     config = load_config(args.profile, args.overrides)  # invalid settings fail before Prefect
@@ -49,6 +72,24 @@ def _run_command(args: argparse.Namespace) -> int:
     for stage, folder in outputs.items():
         print(f"{stage:12s} {folder}")
     _print_results(outputs["evaluate"])
+    print(f"\nbrowse the runs: segclip ui runtime.workdir={config.runtime.workdir}")
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from flows.sweep import sweep_flow
+
+    fixed, axes = plan_sweep(args.overrides, seeds=args.seeds)
+    members = sweep_members(axes)
+    for member in members:  # invalid settings fail before Prefect
+        config = load_config(args.profile, [*fixed, *member.overrides])
+    folder = sweep_flow(
+        profile=args.profile, overrides=args.overrides, seeds=args.seeds, force=args.force
+    )
+    record = SweepRecord.read(folder)
+    axes_text = "; ".join(f"{a.field}: {', '.join(map(str, a.values))}" for a in axes)
+    print(f"\nsweep {folder}: {len(members)} runs over {axes_text}")
+    print(f"mean ± standard deviation (runs)\n{sweep_table(record.groups)}")
     print(f"\nbrowse the runs: segclip ui runtime.workdir={config.runtime.workdir}")
     return 0
 
@@ -159,6 +200,12 @@ PIPELINE_COMMANDS: dict[str, Command] = {
         f"the whole pipeline: {', '.join(STAGE_NAMES)} (finished stages reused)",
         _pipeline_arguments,
         _run_command,
+    ),
+    "sweep": Command(
+        "the whole pipeline over several seeds (--seeds) and/or a grid of settings "
+        "(section.field=[a,b]): shared stages once, results as mean ± std per config",
+        _pipeline_arguments,
+        _sweep_command,
     ),
     **{
         stage.name: Command(

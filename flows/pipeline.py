@@ -11,7 +11,8 @@ the pipeline flow opens a parent run with one child per stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 from prefect import flow, get_run_logger, runtime, task
@@ -20,7 +21,7 @@ from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
 import segclip  # noqa: F401  (torchvision fix before open_clip, in every flow process)
-from pipelines.registry import STAGE_NAMES, STAGES, get_stage, upstream_inputs
+from pipelines.registry import STAGE_NAMES, STAGES, get_stage, run_stage, upstream_inputs
 from segclip.config import SegCLIPConfig, load_config
 from segclip.manifest import DataRef
 from segclip.stage import Stage, can_succeed_on_retry
@@ -49,9 +50,15 @@ def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
 
 @task(retry_condition_fn=_worth_retrying, retry_delay_seconds=exponential_backoff(10))
 def _run_stage(
-    name: str, config: SegCLIPConfig, inputs: list[DataRef], *, force: bool, lineage: Lineage
+    name: str,
+    config: SegCLIPConfig,
+    inputs: list[DataRef],
+    *,
+    force: bool,
+    lineage: Lineage,
+    on_ray: bool = False,
 ) -> StageRun:
-    result = get_stage(name).run(config, inputs, force=force, lineage=lineage)
+    result = run_stage(name, config, inputs, force=force, lineage=lineage, on_ray=on_ray)
     state = "reused" if result.skipped else "finished"
     get_run_logger().info("%s %s: %s", name, state, result.output_dir)
     return StageRun(result.ref, link_stage_run(tracking_client(config), result, lineage))
@@ -61,7 +68,73 @@ def _stage_task(stage: Stage) -> Task:
     return _run_stage.with_options(name=stage.name, retries=stage.retries)
 
 
-def _flow_run_tags() -> dict[str, str]:
+@dataclass(frozen=True)
+class PipelineRun:
+    """One end-to-end run: its config and the MLflow parent its stage runs belong to."""
+
+    config: SegCLIPConfig
+    lineage: Lineage
+
+
+@dataclass
+class PipelineOutcome:
+    """The stages a pipeline run got through, and what stopped it, if anything."""
+
+    stages: dict[str, StageRun] = field(default_factory=dict)
+    error: BaseException | None = None
+
+    @property
+    def mlflow_runs(self) -> dict[str, str]:
+        return {name: done.mlflow_run_id for name, done in self.stages.items()}
+
+
+def run_pipelines(runs: Sequence[PipelineRun], force: Sequence[str]) -> list[PipelineOutcome]:
+    """Every stage in order, for several pipeline runs at once (a sweep's members, or one run).
+
+    Runs whose stage output is the same (same settings, same inputs) share it: the first of
+    them produces it and the others reuse it, as any rerun does. Distinct outputs of a stage
+    run side by side as Ray tasks (a seed sweep's trainings and evaluations); a stage with one
+    output runs here. A run that fails stops there; the others go on."""
+    outcomes = [PipelineOutcome() for _ in runs]
+    for position, stage in enumerate(STAGES):
+        going = [i for i, outcome in enumerate(outcomes) if outcome.error is None]
+        previous = STAGES[position - 1].name if position else None
+        inputs = {i: [outcomes[i].stages[previous].output] if previous else [] for i in going}
+        source: dict[int, int] = {}  # run -> the run that produces its output of this stage
+        producers: dict[str, int] = {}  # output folder -> that run
+        for i in going:
+            config = runs[i].config
+            folder = str(stage.output_dir(config, stage.resolve_inputs(config, inputs[i])))
+            source[i] = producers.setdefault(folder, i)
+        submitted = {
+            i: _stage_task(stage).submit(
+                stage.name,
+                runs[i].config,
+                inputs[i],
+                force=stage.name in force,
+                lineage=runs[i].lineage,
+                on_ray=len(producers) > 1,
+            )
+            for i in producers.values()
+        }
+        for i in going:  # the producers first, then the runs that reuse their outputs
+            if source[i] != i and outcomes[source[i]].error is not None:
+                outcomes[i].error = outcomes[source[i]].error
+                continue
+            try:
+                outcomes[i].stages[stage.name] = (
+                    submitted[i].result()
+                    if i in submitted
+                    else _stage_task(stage)(
+                        stage.name, runs[i].config, inputs[i], force=False, lineage=runs[i].lineage
+                    )
+                )
+            except Exception as error:  # kept with its run; the caller raises it
+                outcomes[i].error = error
+    return outcomes
+
+
+def flow_run_tags() -> dict[str, str]:
     return {
         "prefect.flow_run_id": str(runtime.flow_run.id),
         "prefect.flow": str(runtime.flow_run.flow_name),
@@ -79,9 +152,16 @@ def stage_flow(
     config = load_config(profile, overrides or [])
     chosen = get_stage(stage)
     inputs = upstream_inputs(chosen, config)
-    lineage = Lineage(tags=_flow_run_tags())
+    lineage = Lineage(tags=flow_run_tags())
     done = _stage_task(chosen)(chosen.name, config, inputs, force=force, lineage=lineage)
     return done.output.url
+
+
+def checked_force(force: Sequence[str] | None) -> list[str]:
+    unknown = set(force or []) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"cannot force {sorted(unknown)}: stages are {list(STAGE_NAMES)}")
+    return list(force or [])
 
 
 @flow(name="segclip-pipeline")
@@ -92,20 +172,15 @@ def pipeline_flow(
 ) -> dict[str, str]:
     """Every stage in order; finished ones with unchanged keys are reused."""
     config = load_config(profile, overrides or [])
-    force = force or []
-    unknown = set(force) - set(STAGE_NAMES)
-    if unknown:
-        raise ValueError(f"cannot force {sorted(unknown)}: stages are {list(STAGE_NAMES)}")
-    lineage = start_pipeline_run(config, f"pipeline-{runtime.flow_run.name}", _flow_run_tags())
-    outputs: dict[str, str] = {}
-    stage_runs: dict[str, str] = {}
-    inputs: list[DataRef] = []
+    force = checked_force(force)
+    name = f"pipeline-{runtime.flow_run.name}"
+    run = PipelineRun(config, start_pipeline_run(config, name, flow_run_tags()))
+    outcome = PipelineOutcome()
     try:
-        for stage in STAGES:
-            forced = stage.name in force
-            done = _stage_task(stage)(stage.name, config, inputs, force=forced, lineage=lineage)
-            outputs[stage.name], inputs = done.output.url, [done.output]
-            stage_runs[stage.name] = done.mlflow_run_id
+        [outcome] = run_pipelines([run], force)
     finally:
-        finish_pipeline_run(config, lineage, stage_runs, failed=len(stage_runs) < len(STAGES))
-    return outputs
+        failed = len(outcome.stages) < len(STAGES)
+        finish_pipeline_run(config, run.lineage, outcome.mlflow_runs, failed=failed)
+    if outcome.error is not None:
+        raise outcome.error
+    return {name: done.output.url for name, done in outcome.stages.items()}

@@ -7,11 +7,15 @@ config by walking back through this list.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pipelines import evaluate, ingest, superpixels, train
+from pipelines.ray_runtime import connect, node_id
 from segclip.config import SegCLIPConfig
-from segclip.manifest import DataRef, read_result
+from segclip.manifest import DataRef, StageResult, read_result
 from segclip.stage import Stage
-from segclip.storage import use_s3_endpoint
+from segclip.storage import location, use_s3_endpoint
+from segclip.tracking import Lineage, tracking_uri
 
 STAGES: tuple[Stage, ...] = (ingest.STAGE, superpixels.STAGE, train.STAGE, evaluate.STAGE)
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
@@ -22,6 +26,45 @@ def get_stage(name: str) -> Stage:
         if stage.name == name:
             return stage
     raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+
+
+def run_stage(
+    name: str,
+    config: SegCLIPConfig,
+    inputs: Sequence[DataRef],
+    *,
+    force: bool,
+    lineage: Lineage,
+    on_ray: bool = False,
+) -> StageResult:
+    """Run (or reuse) one stage's output. `on_ray` runs it as a Ray task on this process's node
+    instead, so several outputs (a sweep's trainings) proceed side by side: the task reserves no
+    CPU (the stage's own Ray work reserves what it uses) and gets the workdir and the MLflow
+    store resolved here, since a Ray worker has another cwd and maybe another environment."""
+    if not on_ray:
+        return get_stage(name).run(config, inputs, force=force, lineage=lineage)
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    runtime = config.runtime.model_copy(
+        update={
+            "workdir": str(location(config.runtime.workdir)),
+            "tracking_uri": tracking_uri(config),
+        }
+    )
+    connect(config.runtime.ray_address)
+    task = ray.remote(num_cpus=0)(run_stage).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id(), soft=False)
+    )
+    return ray.get(
+        task.remote(
+            name,
+            config.model_copy(update={"runtime": runtime}),
+            list(inputs),
+            force=force,
+            lineage=lineage,
+        )
+    )
 
 
 def upstream_inputs(stage: Stage, config: SegCLIPConfig) -> list[DataRef]:

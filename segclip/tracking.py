@@ -303,14 +303,25 @@ def link_stage_run(client: MlflowClient, result: StageResult, lineage: Lineage) 
 
 
 def start_pipeline_run(
-    config: SegCLIPConfig, name: str | None, lineage_tags: Mapping[str, str]
+    config: SegCLIPConfig,
+    name: str | None,
+    lineage_tags: Mapping[str, str],
+    *,
+    kind: str = "pipeline",
+    parent: str | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> Lineage:
-    """The parent run of one end-to-end run; its stages become its children."""
+    """The parent run of one end-to-end run (or of a sweep: `kind`), itself a child of
+    `parent` when given (a sweep's member); its stages (or members) become its children."""
     client = tracking_client(config)
     run = client.create_run(
         experiment_id(client, config),
         run_name=name,
-        tags={**Lineage(tags=lineage_tags).run_tags(), "segclip.stage": "pipeline"},
+        tags={
+            **Lineage(parent_run_id=parent, tags=lineage_tags).run_tags(),
+            **(tags or {}),
+            "segclip.stage": kind,
+        },
     )
     log_params(client, run.info.run_id, flatten(config.model_dump(mode="json")))
     return Lineage(parent_run_id=run.info.run_id, tags=lineage_tags)
@@ -330,9 +341,20 @@ def finish_pipeline_run(
     if stage_runs:
         metrics = {}
         for run in stage_runs.values():
-            latest = latest_metrics(client, run)
-            metrics |= {k: v for k, v in latest.items() if k.startswith(SUMMARY_METRICS)}
+            metrics |= summary_metrics(client, run)
         last = list(stage_runs.values())[-1]
         log_metrics(client, parent, latest_metrics(client, last) | metrics, step=0)
+    end_run(client, parent, failed=failed)
+
+
+def end_run(client: MlflowClient, run_id: str, *, failed: bool) -> None:
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
-    client.set_terminated(parent, RunStatus.to_string(status))
+    client.set_terminated(run_id, RunStatus.to_string(status))
+
+
+def summary_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """A run's results and final losses (`SUMMARY_METRICS`): what a pipeline run copies from
+    its stages and a sweep aggregates over its members."""
+    return {
+        k: v for k, v in latest_metrics(client, run_id).items() if k.startswith(SUMMARY_METRICS)
+    }

@@ -11,6 +11,7 @@ from segclip.cli import main
 
 EVERY_COMMAND = [
     "run",
+    "sweep",
     "ingest",
     "superpixels",
     "train",
