@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 import pyarrow.fs
 import ray
@@ -48,10 +49,17 @@ def ray_address(configured: str | None) -> str | None:
     return configured or os.environ.get("RAY_ADDRESS")
 
 
+_CONNECTING = threading.Lock()  # a sweep's stages start side by side, from threads
+
+
 def connect(address: str | None) -> None:
-    """Connect this process to Ray once; later calls reuse the connection."""
-    if ray.is_initialized():
-        return
+    """Connect this process to Ray once; later calls (from any thread) reuse the connection."""
+    with _CONNECTING:
+        if not ray.is_initialized():
+            _init(address)
+
+
+def _init(address: str | None) -> None:
     target = ray_address(address)
     runtime_env = {
         "worker_process_setup_hook": quiet_placement_group_cleaner,

@@ -1,4 +1,4 @@
-"""prefect.yaml: every stage and the pipeline have a deployment whose parameters the flow
+"""prefect.yaml: every stage, the pipeline and the sweep have a deployment whose parameters the flow
 accepts and whose profile resolves, so the Prefect UI runs the profile as it is."""
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import yaml
 from prefect.flows import load_flow_from_entrypoint
 
 from flows.pipeline import pipeline_flow, stage_flow
+from flows.sweep import sweep_flow
 from pipelines.registry import STAGE_NAMES
 from segclip.config import SegCLIPConfig, load_config
 
@@ -15,9 +16,9 @@ ROOT = Path(__file__).parents[2]
 DEPLOYMENTS = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
 
 
-def test_the_pipeline_and_every_stage_of_the_registry_have_a_deployment():
+def test_the_pipeline_the_sweep_and_every_stage_of_the_registry_have_a_deployment():
     flows = {load_flow_from_entrypoint(str(ROOT / d["entrypoint"])).name for d in DEPLOYMENTS}
-    assert flows == {pipeline_flow.name, stage_flow.name}
+    assert flows == {pipeline_flow.name, stage_flow.name, sweep_flow.name}
     staged = [d["parameters"]["stage"] for d in DEPLOYMENTS if "stage" in d["parameters"]]
     assert sorted(staged) == sorted(STAGE_NAMES)
     assert all(d["work_pool"]["name"] == "segclip" for d in DEPLOYMENTS)
