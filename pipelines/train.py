@@ -23,6 +23,7 @@ from pipelines.ray_runtime import alive_nodes, connect, ray_address, ray_storage
 from pipelines.train_worker import WorkerPayload, train_worker
 from segclip.charts import loss_curves_chart
 from segclip.config import TRAIN_KEY_RUNTIME, ConfigError, SegCLIPConfig
+from segclip.data.loader import SAMPLE_STREAM_VERSION
 from segclip.manifest import DataRef, load_result, read_result
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import location, publish_folder
@@ -44,6 +45,7 @@ def settings(config: SegCLIPConfig) -> dict[str, Any]:
         for section in ("model", "loss", "data", "train")
     }
     keyed["runtime"] = config.runtime.model_dump(mode="json", include=set(TRAIN_KEY_RUNTIME))
+    keyed["sample_stream_version"] = SAMPLE_STREAM_VERSION
     return keyed
 
 

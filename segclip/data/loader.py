@@ -32,6 +32,9 @@ from segclip.data.transforms import normalize_images
 from segclip.model.segclip import CaptionTokenizer
 from segclip.storage import location
 
+# Bump when a seed's samples (order or crops) change, so no training run reuses older weights.
+SAMPLE_STREAM_VERSION = 2
+
 
 def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
     if not 0 <= rank < world_size:
@@ -91,20 +94,28 @@ def expand_tar_samples(streams: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
     return group_by_keys(tar_file_expander(streams))
 
 
-class TrainingSample:
-    """Decode, paired crop, patch ids and caption tokens for one shard sample."""
+class TrainingSamples:
+    """Decode, paired crop, patch ids and caption tokens for each shard sample of a stream."""
 
-    def __init__(self, config: SegCLIPConfig) -> None:
+    def __init__(self, config: SegCLIPConfig, *, seed: int) -> None:
         architecture = describe_clip(config.model.clip_model)
         self.image_size, self.patch_size = architecture.image_size, architecture.patch_size
-        self.model_config, self.data = config.model, config.data
+        self.model_config, self.data, self.seed = config.model, config.data, seed
 
     @cached_property
     def tokenizer(self) -> CaptionTokenizer:
         """Built in the worker process on first use rather than pickled into it."""
         return CaptionTokenizer(self.model_config)
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        # Crop boxes from a generator of this stream's seed and loader worker, new each pass
+        # as the shard order and the shuffle are, never from torch's global RNG.
+        info = get_worker_info()
+        crops = torch.Generator().manual_seed(hash((self.seed, info.id if info else 0)))
+        for sample in samples:
+            yield self.prepare(sample, crops)
+
+    def prepare(self, sample: dict[str, Any], crops: torch.Generator) -> dict[str, Any]:
         # decoded as the superpixel stage decoded it, so the label map lines up
         crop, labels = paired_random_resized_crop(
             display_rgb(open_image(sample[image_member(sample)])),
@@ -112,6 +123,7 @@ class TrainingSample:
             self.image_size,
             scale=self.data.crop_scale,
             ratio=self.data.crop_ratio,
+            generator=crops,
         )
         return {
             "__key__": sample["__key__"],
@@ -140,12 +152,13 @@ def training_samples(
 ) -> wds.DataPipeline:
     """Per-sample stream of one rank; `epoch` reseeds shard order, crops and shuffling."""
     seed = hash((config.train.seed, epoch))
+    rank_seed = hash((seed, rank))
     return wds.DataPipeline(
         RankShards(shards, rank=rank, world_size=world_size, resampled=resampled, seed=seed),
         open_shards,
         expand_tar_samples,
-        wds.shuffle(config.data.shuffle_buffer, seed=hash((seed, rank))),
-        wds.map(TrainingSample(config)),
+        wds.shuffle(config.data.shuffle_buffer, seed=rank_seed),
+        TrainingSamples(config, seed=rank_seed),
     )
 
 
@@ -165,5 +178,4 @@ def training_loader(
         shards, config, rank=rank, world_size=world_size, resampled=resampled, epoch=epoch
     )
     pipeline = samples.compose(wds.batched(batch_size, collation_fn=collate, partial=False))
-    # Crop boxes come from torch's RNG, which DataLoader seeds differently in each worker.
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

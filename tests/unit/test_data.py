@@ -79,10 +79,10 @@ def test_paired_crop_keeps_image_and_labels_aligned():
         [np.arange(16) * 15, 255 - np.arange(16) * 15, (np.arange(16) * 97) % 256], 1
     )
     image = Image.fromarray(palette[labels].astype(np.uint8))
-    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     for _ in range(5):
         crop, crop_labels = paired_random_resized_crop(
-            image, labels, 64, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3)
+            image, labels, 64, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), generator=generator
         )
         pixels = np.asarray(crop).astype(int)
         assert crop.size == (64, 64) and crop_labels.shape == (64, 64)
@@ -106,7 +106,12 @@ def test_paired_crop_rejects_a_label_map_of_another_size():
         ValueError, match=r"label map \(10, 10\) does not match the image \(20, 20\)"
     ):
         paired_random_resized_crop(
-            Image.new("RGB", (20, 20)), np.zeros((10, 10)), 8, scale=(0.5, 1), ratio=(1, 1)
+            Image.new("RGB", (20, 20)),
+            np.zeros((10, 10)),
+            8,
+            scale=(0.5, 1),
+            ratio=(1, 1),
+            generator=torch.Generator(),
         )
 
 

@@ -4,6 +4,7 @@ import io
 from collections import Counter
 from itertools import islice
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -109,6 +110,48 @@ def test_resampled_mode_streams_past_the_data_and_ranks_differ(shards):
     assert len(rank0) == 40 > sum(SHARD_SIZES[0::2])  # endless: more samples than rank 0 holds
     assert {int(k[1:]) for k in rank0}.isdisjoint({int(k[1:]) for k in rank1})
     assert first_keys(0) == rank0  # seeded
+
+
+def seeded(seed):
+    return load_config("tiny", [f"train.seed={seed}", "data.shuffle_buffer=4"])
+
+
+def crops_read(shards, config):
+    """(key, cropped image) of one epoch of one rank, in the order the stream gives them."""
+    return [(s["__key__"], s["image"]) for s in training_samples(shards, config, resampled=False)]
+
+
+def test_a_seed_gives_one_sample_order_and_crops_another_seed_others(shards):
+    # Each stream starts where torch's global RNG was left by the one before: only the
+    # seed may decide the stream.
+    first, again = crops_read(shards, seeded(0)), crops_read(shards, seeded(0))
+    assert [k for k, _ in again] == [k for k, _ in first]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, again, strict=True))
+
+    other = crops_read(shards, seeded(1))
+    assert [k for k, _ in other] != [k for k, _ in first]
+    crop_of = dict(first)
+    assert not any(np.array_equal(image, crop_of[key]) for key, image in other)
+
+
+def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(shards):
+    def batches(seed):
+        return list(
+            training_loader(shards, seeded(seed), batch_size=2, num_workers=2, resampled=False)
+        )
+
+    def same(a, b):
+        return all(
+            torch.equal(x.images, y.images)
+            and torch.equal(x.tokens, y.tokens)
+            and torch.equal(x.superpixels, y.superpixels)
+            for x, y in zip(a, b, strict=True)
+        )
+
+    assert keys_read(shards, seeded(0), 0, 1, 2) == keys_read(shards, seeded(0), 0, 1, 2)
+    first = batches(0)
+    assert same(batches(0), first)
+    assert not any(torch.equal(x.images, y.images) for x, y in zip(batches(1), first, strict=True))
 
 
 def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config):

@@ -2,6 +2,7 @@
 
 import pytest
 
+from pipelines import train
 from pipelines.registry import STAGES, get_stage
 from segclip.config import load_config
 from segclip.manifest import DataRef, stage_key
@@ -31,6 +32,12 @@ def key(stage_name: str, *overrides: str) -> str:
 )
 def test_a_setting_that_changes_trained_weights_changes_the_train_key(override):
     assert key("train", override) != key("train")
+
+
+def test_a_new_sample_stream_version_changes_the_train_key(monkeypatch):
+    before = key("train")
+    monkeypatch.setattr(train, "SAMPLE_STREAM_VERSION", train.SAMPLE_STREAM_VERSION + 1)
+    assert key("train") != before
 
 
 @pytest.mark.parametrize(
