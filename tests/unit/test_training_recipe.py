@@ -1,7 +1,8 @@
 """The training recipe of METHOD.md section 5, pinned by value: learning rates by role, the
 warmup + cosine schedule, gradient clipping, the logit-scale clamp, Gumbel noise in training
-passes, micro-batch accumulation and autocast precision."""
+passes, micro-batch accumulation, autocast precision and seeding."""
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from segclip.model import CaptionTokenizer, SegCLIP, VisionMode, build_model, pa
 from segclip.model import group as group_module
 from segclip.model.group import argmax_one_hot, straight_through_gumbel
 from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler, warmup_cosine
+from tests.weights import same_weights
 
 LR_NEW, LR_PRETRAINED = 1e-2, 1e-5
 TOTAL_STEPS, WARMUP_FRACTION = 20, 0.25  # warmup = int(0.25 * 20) = 5 steps
@@ -302,3 +304,54 @@ def test_train_step_runs_the_vision_tower_in_the_configured_precision(
     linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     step(_batch(tiny_config))
     assert seen and set(seen) == {dtype}
+
+
+# --- 8. one seed, one run -------------------------------------------------------------------
+
+
+def _seeded_model(config: SegCLIPConfig, seed: int) -> tuple[SegCLIP, dict[str, torch.Tensor]]:
+    """A model built after `manual_seed(seed)`, as a training worker builds it, and a copy
+    of its initial weights."""
+    torch.manual_seed(seed)
+    model = build_model(config.model)
+    return model, {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def _one_step(
+    config: SegCLIPConfig, model: SegCLIP
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Loss terms and updated weights of one step, drawn from torch's RNG as it stands."""
+    train = _train_config(config)
+    optimizer = build_optimizer(model, train)
+    scheduler = build_scheduler(optimizer, train, TOTAL_STEPS)
+    step = TrainStep(model, optimizer, scheduler, loss_config=config.loss, train_config=train)
+    return step(_batch(config)).to_floats(), model.state_dict()
+
+
+def test_a_seed_repeats_a_training_step_exactly_and_another_seed_draws_anew(tiny_config):
+    model, initial = _seeded_model(tiny_config, seed=0)
+    twin = copy.deepcopy(model)  # the same initial weights, for other draws below
+    terms, updated = _one_step(tiny_config, model)
+    assert not same_weights(updated, initial)  # the step did update the weights
+
+    again, again_initial = _seeded_model(tiny_config, seed=0)
+    assert same_weights(again_initial, initial)
+    again_terms, again_updated = _one_step(tiny_config, again)
+    assert again_terms == terms
+    assert same_weights(again_updated, updated)
+
+    assert not same_weights(_seeded_model(tiny_config, seed=1)[1], initial)
+    torch.manual_seed(1)  # other masking and Gumbel draws from the same weights: other losses
+    redrawn_terms, _ = _one_step(tiny_config, twin)
+    assert redrawn_terms["loss/total"] != terms["loss/total"]
+    assert redrawn_terms["loss/reconstruction"] != terms["loss/reconstruction"]
+
+
+def test_the_masked_pass_keeps_the_patches_its_seed_draws(tiny_model, tiny_images):
+    def kept(seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return tiny_model.encode_image(tiny_images, VisionMode.MASKED).patch_index
+
+    assert torch.equal(kept(1), kept(1))
+    assert not torch.equal(kept(1), kept(2))
