@@ -15,7 +15,7 @@ SEGCLIP_LAYERS = (
      "segclip.device", "segclip.charts"),
     ("segclip.config",),
     ("segclip.manifest",),
-    ("segclip.tracking",),
+    ("segclip.tracking", "segclip.sweep"),
     ("segclip.model",),
     ("segclip.losses",),
     ("segclip.data",),
