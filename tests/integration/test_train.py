@@ -6,7 +6,8 @@ from PIL import Image
 from pipelines import ingest, superpixels, train
 from segclip.config import load_config
 from segclip.model import load_checkpoint
-from segclip.tracking import RUN_ID_FILE, tracking_client
+from segclip.tracking import RUN_ID_FILE, metric_histories, tracking_client
+from tests.weights import same_weights
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +96,21 @@ def test_a_finished_run_extended_with_more_steps_continues_from_its_final_state(
     client, run_id, losses = history(longer_config, longer)
     assert [m.step for m in losses] == [8, 10]  # steps 1-6 came from the shorter run
     assert client.get_run(run_id).data.tags["segclip.extends"] == str(short.output_dir)
+
+
+def test_one_seed_trains_the_same_weights_twice_and_another_seed_others(workdir, labels, tmp_path):
+    def trained(folder, seed):
+        """Final weights and logged losses of a fresh run (a finished one would be reused)."""
+        config = configure(folder, "train.steps=4", f"train.seed={seed}")
+        result = train.run(config, [labels])
+        assert not result.skipped
+        client, run_id, _ = history(config, result)
+        weights = load_checkpoint(result.file("model")).state_dict()
+        return weights, metric_histories(client, run_id, "loss/")
+
+    weights, losses = trained(workdir, seed=3)
+    again_weights, again_losses = trained(tmp_path, seed=3)  # own stage folder, same labels
+    assert same_weights(again_weights, weights)
+    assert again_losses == losses and len(losses) == 4  # total and three terms, steps 2 and 4
+    other_weights, _ = trained(workdir, seed=4)
+    assert not same_weights(other_weights, weights)
