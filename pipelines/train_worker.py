@@ -31,7 +31,7 @@ from segclip.tracking import log_metrics
 from segclip.train import TrainStep, build_optimizer, build_scheduler
 from segclip.train.metric_window import MetricWindow, progress_line
 from segclip.train.plan import TrainPlan
-from segclip.train.state import load_training_state, save_training_state
+from segclip.train.state import load_training_state, reseed_for_resume, save_training_state
 
 RESUMED = "training resumed at step"  # printed by rank 0, followed by the step and the total
 
@@ -108,6 +108,8 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
     device = ray.train.torch.get_device()
     step_fn = _build(config, plan, device)
     step = _start_step(payload, step_fn)
+    if step:
+        reseed_for_resume(config.train.seed, rank, step)
     nodes = _group_nodes()
     if step and rank == 0:
         print(f"{RESUMED} {step} of {plan.total_steps}", flush=True)

@@ -36,7 +36,6 @@ def save_training_state(folder: Path, step_fn: TrainStep, step: int) -> None:
             "optimizer": step_fn.optimizer.state_dict(),
             "scheduler": step_fn.scheduler.state_dict(),
             "scaler": step_fn.scaler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
         },
         folder / STATE_FILE,
     )
@@ -71,5 +70,12 @@ def load_training_state(folder: str | Path | UPath, step_fn: TrainStep, total_st
     with warnings.catch_warnings():  # "scheduler before optimizer": intended, nothing is skipped
         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
         step_fn.scheduler.step()
-    torch.set_rng_state(state["torch_rng"])
     return step
+
+
+def reseed_for_resume(seed: int, rank: int, step: int) -> None:
+    """A run restarted at `step` draws its masking and Gumbel noise from (seed, rank, step) on
+    every device, as its data stream restarts from (seed, step): ranks keep distinct draws
+    (one saved CPU state would give every rank rank 0's) and a GPU run does not replay the
+    draws of step 1 (its CUDA state was never saved)."""
+    torch.manual_seed(hash((seed, rank, step)) % 2**63)

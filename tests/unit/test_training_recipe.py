@@ -14,6 +14,7 @@ from segclip.model import CaptionTokenizer, SegCLIP, VisionMode, build_model, pa
 from segclip.model import group as group_module
 from segclip.model.group import argmax_one_hot, straight_through_gumbel
 from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler, warmup_cosine
+from segclip.train.state import reseed_for_resume
 from tests.weights import same_weights
 
 LR_NEW, LR_PRETRAINED = 1e-2, 1e-5
@@ -355,3 +356,14 @@ def test_the_masked_pass_keeps_the_patches_its_seed_draws(tiny_model, tiny_image
 
     assert torch.equal(kept(1), kept(1))
     assert not torch.equal(kept(1), kept(2))
+
+
+def test_a_resumed_run_reseeds_each_rank_from_the_seed_and_the_step():
+    def draws(seed, rank, step):
+        reseed_for_resume(seed, rank, step)
+        return torch.rand(4)
+
+    assert torch.equal(draws(0, 1, 200), draws(0, 1, 200))
+    assert not torch.equal(draws(0, 0, 200), draws(0, 1, 200))  # ranks stay distinct
+    assert not torch.equal(draws(0, 0, 200), draws(0, 0, 400))
+    assert not torch.equal(draws(0, 0, 200), draws(1, 0, 200))
