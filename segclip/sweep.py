@@ -12,6 +12,7 @@ only with a list of lists (`eval.methods=[[segclip],[segclip,maskclip]]`).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from scipy import stats
 from upath import UPath
 
@@ -106,15 +107,31 @@ def _as_axis(override: str) -> Axis | None:
     name, value = name.strip(), yaml.safe_load(raw)
     if not isinstance(value, list):
         return None
-    if _takes_a_list(_field_annotation(name)):
-        if not value or not all(isinstance(item, list) for item in value):
-            return None
-        value = [list(item) for item in value]
+    annotation = _field_annotation(name)
+    if _takes_a_list(annotation) and not (value and all(isinstance(v, list) for v in value)):
+        return None
     if not value:
         raise ConfigError(f"override {override!r}: a sweep axis needs at least one value")
-    if len({json.dumps(v) for v in value}) != len(value):
+    values = tuple(_as_read(annotation, item) for item in value)
+    if len({json.dumps(v) for v in values}) != len(values):
         raise ConfigError(f"override {override!r}: an axis lists a value twice")
-    return Axis(name, tuple(value))
+    return Axis(name, values)
+
+
+def _as_read(annotation: Any, value: Any) -> Any:
+    """An axis value as the config reads it: YAML reads `1e-3` as text and the config as 0.001,
+    so members, labels and the repeated-value check see 0.001. Lists become tuples so that
+    members and their groups hash. A value the field refuses stays as given: `load_config`
+    names the problem."""
+    if annotation is not None:
+        adapter = TypeAdapter(annotation)
+        with contextlib.suppress(ValidationError):
+            value = adapter.dump_python(adapter.validate_python(value), mode="json")
+    return _frozen(value)
+
+
+def _frozen(value: Any) -> Any:
+    return tuple(_frozen(item) for item in value) if isinstance(value, list) else value
 
 
 def plan_sweep(
@@ -137,6 +154,12 @@ def plan_sweep(
         raise ConfigError(
             f"{', '.join(repeated)} varied twice: give each field one list of values "
             "(--seeds is the same as train.seed=[...])"
+        )
+    overridden = [o for o in fixed if o.partition("=")[0].strip() in fields]
+    if overridden:  # the members' values would silently replace it
+        raise ConfigError(
+            f"{', '.join(overridden)} sets a field the sweep varies: give it once, as a list "
+            "of values (--seeds is the same as train.seed=[...])"
         )
     if not axes:
         raise ConfigError(
