@@ -12,6 +12,7 @@ continues where it stopped and a rerun skips every finished member.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 from prefect import flow, runtime
 
@@ -22,8 +23,10 @@ from flows.pipeline import (
     flow_run_tags,
     run_pipelines,
 )
-from segclip.config import load_config
+from segclip.config import SegCLIPConfig, load_config
 from segclip.sweep import (
+    Axis,
+    Member,
     SweepRecord,
     aggregate_metrics,
     plan_sweep,
@@ -55,35 +58,20 @@ def sweep_flow(
     configs = [load_config(profile, [*fixed, *member.overrides]) for member in members]
     force = checked_force(force)
     record = SweepRecord.open(configs)
-    tags = flow_run_tags()
     client = tracking_client(configs[0])
-    name = f"sweep-{runtime.flow_run.name}"
-    if record.run_id is None:
-        base = load_config(profile, fixed)
-        axis_tags = {"segclip.sweep.folder": str(record.folder)}
-        record.run_id = start_pipeline_run(
-            base, name, tags, kind="sweep", tags=axis_tags
-        ).parent_run_id
-        log_params(
-            client, record.run_id, {f"sweep.{a.field}": json.dumps(list(a.values)) for a in axes}
-        )
-    for member, config in zip(members, configs, strict=True):
-        if member.label not in record.members:
-            member_tags = {"segclip.member": member.label, "segclip.sweep": record.run_id}
-            lineage = start_pipeline_run(
-                config, f"{name} {member.label}", tags, parent=record.run_id, tags=member_tags
-            )
-            record.members[member.label] = {"run_id": lineage.parent_run_id}
-    record.save()
-
+    tags = flow_run_tags()
+    _open_runs(record, load_config(profile, fixed), axes, members, configs, tags)
     pending = [i for i, member in enumerate(members) if force or not record.finished(member)]
     runs = [
-        PipelineRun(
-            configs[i], Lineage(parent_run_id=record.members[members[i].label]["run_id"], tags=tags)
-        )
+        PipelineRun(configs[i], Lineage(parent_run_id=_run_of(record, members[i]), tags=tags))
         for i in pending
     ]
-    outcomes = run_pipelines(runs, force) if runs else []
+    try:
+        outcomes = run_pipelines(runs, force) if runs else []
+    except BaseException:  # interrupted: the runs show it; a rerun continues them
+        for run in [*(r.lineage.parent_run_id for r in runs), record.run_id]:
+            end_run(client, run, failed=True)
+        raise
     failed = []
     for i, run, outcome in zip(pending, runs, outcomes, strict=True):
         entry = record.members[members[i].label]
@@ -96,16 +84,11 @@ def sweep_flow(
             entry.pop("evaluate", None)
             failed.append(f"{members[i].label}: {outcome.error!r}")
         record.save()
-
     done = [member for member in members if record.finished(member)]
-    record.groups = summarize(
-        done, [summary_metrics(client, record.members[m.label]["run_id"]) for m in done]
-    )
+    record.groups = summarize(done, [summary_metrics(client, _run_of(record, m)) for m in done])
     record.save()
-    metrics = {}
-    for group in record.groups:
-        metrics |= aggregate_metrics(group)
-    log_metrics(client, record.run_id, metrics, step=0)
+    aggregates = [aggregate_metrics(group) for group in record.groups]
+    log_metrics(client, record.run_id, {k: v for a in aggregates for k, v in a.items()}, step=0)
     end_run(client, record.run_id, failed=bool(failed))
     if failed:
         raise RuntimeError(
@@ -114,3 +97,34 @@ def sweep_flow(
             + "\n  ".join(failed)
         )
     return str(record.folder)
+
+
+def _run_of(record: SweepRecord, member: Member) -> str:
+    return record.members[member.label]["run_id"]
+
+
+def _open_runs(
+    record: SweepRecord,
+    shared: SegCLIPConfig,
+    axes: Sequence[Axis],
+    members: Sequence[Member],
+    configs: Sequence[SegCLIPConfig],
+    tags: dict[str, str],
+) -> None:
+    """The sweep's MLflow run and one child per member, created on the first run of the sweep
+    (and for members it did not reach) and kept in its record."""
+    name = f"sweep-{runtime.flow_run.name}"
+    if record.run_id is None:
+        folder = {"segclip.sweep.folder": str(record.folder)}
+        lineage = start_pipeline_run(shared, name, tags, kind="sweep", tags=folder)
+        record.run_id = lineage.parent_run_id
+        values = {f"sweep.{axis.field}": json.dumps(list(axis.values)) for axis in axes}
+        log_params(tracking_client(shared), record.run_id, values)
+    for member, config in zip(members, configs, strict=True):
+        if member.label not in record.members:
+            member_tags = {"segclip.member": member.label, "segclip.sweep": record.run_id}
+            lineage = start_pipeline_run(
+                config, f"{name} {member.label}", tags, parent=record.run_id, tags=member_tags
+            )
+            record.members[member.label] = {"run_id": lineage.parent_run_id}
+    record.save()
