@@ -21,6 +21,7 @@ from prefect.states import State
 from prefect.tasks import Task, exponential_backoff
 
 import segclip  # noqa: F401  (torchvision fix before open_clip, in every flow process)
+from pipelines.ray_runtime import disconnect
 from pipelines.registry import STAGE_NAMES, STAGES, get_stage, run_stage, upstream_inputs
 from segclip.config import SegCLIPConfig, load_config
 from segclip.manifest import DataRef
@@ -94,7 +95,8 @@ def run_pipelines(runs: Sequence[PipelineRun], force: Sequence[str]) -> list[Pip
     Runs whose stage output is the same (same settings, same inputs) share it: the first of
     them produces it and the others reuse it, as any rerun does. Distinct outputs of a stage
     run side by side as Ray tasks (a seed sweep's trainings and evaluations); a stage with one
-    output runs here. A run that fails stops there; the others go on."""
+    output runs here, in this thread (as `segclip run` always did: Ctrl-C stops it at once).
+    A run that fails stops there; the others go on."""
     outcomes = [PipelineOutcome() for _ in runs]
     for position, stage in enumerate(STAGES):
         going = [i for i, outcome in enumerate(outcomes) if outcome.error is None]
@@ -106,6 +108,7 @@ def run_pipelines(runs: Sequence[PipelineRun], force: Sequence[str]) -> list[Pip
             config = runs[i].config
             folder = str(stage.output_dir(config, stage.resolve_inputs(config, inputs[i])))
             source[i] = producers.setdefault(folder, i)
+        side_by_side = len(producers) > 1
         submitted = {
             i: _stage_task(stage).submit(
                 stage.name,
@@ -113,24 +116,35 @@ def run_pipelines(runs: Sequence[PipelineRun], force: Sequence[str]) -> list[Pip
                 inputs[i],
                 force=stage.name in force,
                 lineage=runs[i].lineage,
-                on_ray=len(producers) > 1,
+                on_ray=True,
             )
             for i in producers.values()
+            if side_by_side
         }
-        for i in going:  # the producers first, then the runs that reuse their outputs
-            if source[i] != i and outcomes[source[i]].error is not None:
-                outcomes[i].error = outcomes[source[i]].error
-                continue
-            try:
-                outcomes[i].stages[stage.name] = (
-                    submitted[i].result()
-                    if i in submitted
-                    else _stage_task(stage)(
-                        stage.name, runs[i].config, inputs[i], force=False, lineage=runs[i].lineage
+        try:
+            for i in going:  # each output's producer comes before the runs that reuse it
+                if source[i] != i and outcomes[source[i]].error is not None:
+                    outcomes[i].error = outcomes[source[i]].error
+                    continue
+                forced = stage.name in force and source[i] == i
+                try:
+                    outcomes[i].stages[stage.name] = (
+                        submitted[i].result()
+                        if i in submitted
+                        else _stage_task(stage)(
+                            stage.name,
+                            runs[i].config,
+                            inputs[i],
+                            force=forced,
+                            lineage=runs[i].lineage,
+                        )
                     )
-                )
-            except Exception as error:  # kept with its run; the caller raises it
-                outcomes[i].error = error
+                except Exception as error:  # kept with its run; the caller raises it
+                    outcomes[i].error = error
+        except BaseException:
+            if submitted:  # interrupted: stop the Ray tasks, whose threads would hold the exit
+                disconnect()
+            raise
     return outcomes
 
 

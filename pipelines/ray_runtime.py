@@ -59,6 +59,12 @@ def connect(address: str | None) -> None:
             _init(address)
 
 
+def disconnect() -> None:
+    """Leave Ray: calls waiting on its tasks fail at once, and a local Ray stops."""
+    with _CONNECTING:
+        ray.shutdown()
+
+
 def _init(address: str | None) -> None:
     target = ray_address(address)
     runtime_env = {
