@@ -39,7 +39,7 @@ def segclip_sweep(workdir: Path, *overrides: str) -> str:
             [*command, f"runtime.workdir={workdir}", *SETTINGS, *overrides],
             stdout=out,
             stderr=err,
-            timeout=600,
+            timeout=900,  # the first sweep took 9 minutes on 2 busy cores
         )
         out.seek(0)
         err.seek(0)
