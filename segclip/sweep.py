@@ -201,7 +201,7 @@ def aggregate(per_member: Sequence[Mapping[str, float]]) -> dict[str, Spread]:
     names = sorted({name for metrics in per_member for name in metrics})
     spreads = {}
     for name in names:
-        values = [m[name] for m in per_member if name in m and math.isfinite(m[name])]
+        values = _column(per_member, name)
         if values:
             spreads[name] = spread(values)
     return spreads

@@ -234,7 +234,7 @@ def open_stage_run(
 
 
 def fail_stage_run(tracked: TrackedRun) -> None:
-    tracked.client.set_terminated(tracked.run_id, RunStatus.to_string(RunStatus.FAILED))
+    end_run(tracked.client, tracked.run_id, failed=True)
 
 
 def finish_stage_run(tracked: TrackedRun, result: StageResult) -> None:
