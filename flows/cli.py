@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.request
 
-from pipelines.registry import STAGE_NAMES, STAGES
+from pipelines.registry import STAGE_HELP, STAGE_NAMES
 from segclip.cli import COMMANDS, Command, add_config_arguments
 from segclip.cli import main as run_command
 from segclip.config import load_config
@@ -81,8 +81,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
     fixed, axes = plan_sweep(args.overrides, seeds=args.seeds)
     members = sweep_members(axes)
-    for member in members:  # invalid settings fail before Prefect
-        config = load_config(args.profile, [*fixed, *member.overrides])
+    # Invalid settings fail before Prefect; the members share the workdir the sweep runs in.
+    configs = [load_config(args.profile, [*fixed, *member.overrides]) for member in members]
     folder = sweep_flow(
         profile=args.profile, overrides=args.overrides, seeds=args.seeds, force=args.force
     )
@@ -90,7 +90,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     axes_text = "; ".join(f"{a.field}: {', '.join(map(str, a.values))}" for a in axes)
     print(f"\nsweep {folder}: {len(members)} runs over {axes_text}")
     print(f"mean ± standard deviation (runs)\n{sweep_table(record.groups)}")
-    print(f"\nbrowse the runs: segclip ui runtime.workdir={config.runtime.workdir}")
+    print(f"\nbrowse the runs: segclip ui runtime.workdir={configs[0].runtime.workdir}")
     return 0
 
 
@@ -208,12 +208,12 @@ PIPELINE_COMMANDS: dict[str, Command] = {
         _sweep_command,
     ),
     **{
-        stage.name: Command(
-            stage.help,
-            _evaluate_arguments if stage.name == "evaluate" else _stage_arguments,
-            _stage_command(stage.name),
+        name: Command(
+            text,
+            _evaluate_arguments if name == "evaluate" else _stage_arguments,
+            _stage_command(name),
         )
-        for stage in STAGES
+        for name, text in STAGE_HELP.items()
     },
     "status": Command(
         "what each stage of this configuration holds in the workdir",

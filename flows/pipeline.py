@@ -22,7 +22,7 @@ from prefect.tasks import Task, exponential_backoff
 
 import segclip  # noqa: F401  (torchvision fix before open_clip, in every flow process)
 from pipelines.ray_runtime import disconnect
-from pipelines.registry import STAGE_NAMES, STAGES, get_stage, run_stage, upstream_inputs
+from pipelines.registry import STAGE_NAMES, get_stage, run_stage, stages, upstream_inputs
 from segclip.config import SegCLIPConfig, load_config
 from segclip.manifest import DataRef
 from segclip.stage import Stage, can_succeed_on_retry
@@ -98,9 +98,9 @@ def run_pipelines(runs: Sequence[PipelineRun], force: Sequence[str]) -> list[Pip
     output runs here, in this thread (as `segclip run` always did: Ctrl-C stops it at once).
     A run that fails stops there; the others go on."""
     outcomes = [PipelineOutcome() for _ in runs]
-    for position, stage in enumerate(STAGES):
+    for position, stage in enumerate(stages()):
         going = [i for i, outcome in enumerate(outcomes) if outcome.error is None]
-        previous = STAGES[position - 1].name if position else None
+        previous = STAGE_NAMES[position - 1] if position else None
         inputs = {i: [outcomes[i].stages[previous].output] if previous else [] for i in going}
         source: dict[int, int] = {}  # run -> the run that produces its output of this stage
         producers: dict[str, int] = {}  # output folder -> that run
@@ -193,7 +193,7 @@ def pipeline_flow(
     try:
         [outcome] = run_pipelines([run], force)
     finally:
-        failed = len(outcome.stages) < len(STAGES)
+        failed = len(outcome.stages) < len(STAGE_NAMES)
         finish_pipeline_run(config, run.lineage, outcome.mlflow_runs, failed=failed)
     if outcome.error is not None:
         raise outcome.error

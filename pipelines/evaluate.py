@@ -344,7 +344,6 @@ def _evaluate(context: StageContext[EvaluationInput]) -> StageOutput:
 
 STAGE = Stage[EvaluationInput](
     name="evaluate",
-    help="zero-shot segmentation benchmarks of the trained model",
     settings=settings,
     reads="train",
     given=_given_checkpoint,

@@ -385,7 +385,6 @@ def _ingest(context: StageContext[None]) -> StageOutput:
 
 STAGE = Stage[None](
     name="ingest",
-    help="download or adopt image-text pairs into webdataset shards",
     settings=settings,
     sources=lambda config: SOURCES[config.ingest.source].inputs(config),
     prepare=lambda config, inputs: None,

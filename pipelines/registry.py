@@ -1,31 +1,49 @@
 """The pipeline's stages in order: the one list that the flows, the CLI and `status` read.
 
-Adding a stage is one entry here (and its module). Each stage reads the output of
-the stage named by its `reads`, so a stage run alone finds its input from the
-config by walking back through this list.
+Adding a stage is one entry here (and its module, `pipelines.<name>`, defining `STAGE`).
+Each stage reads the output of the stage named by its `reads`, so a stage run alone
+finds its input from the config by walking back through this list. A stage's module
+is imported when the stage is first used: they pull in torch, open_clip, Ray and MLflow,
+which `segclip --help` or `segclip config` should not wait for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-from pipelines import evaluate, ingest, superpixels, train
-from pipelines.ray_runtime import connect, node_id
 from segclip.config import SegCLIPConfig
 from segclip.manifest import DataRef, StageResult, read_result
-from segclip.stage import Stage
 from segclip.storage import location, use_s3_endpoint
-from segclip.tracking import Lineage, tracking_uri
 
-STAGES: tuple[Stage, ...] = (ingest.STAGE, superpixels.STAGE, train.STAGE, evaluate.STAGE)
-STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+if TYPE_CHECKING:
+    from segclip.stage import Stage
+    from segclip.tracking import Lineage
+
+STAGE_HELP: dict[str, str] = {  # name -> what the stage does, in pipeline order
+    "ingest": "download or adopt image-text pairs into webdataset shards",
+    "superpixels": "add superpixel label maps to the ingested shards (Ray Data)",
+    "train": "train SegCLIP on the superpixel shards (Ray Train, MLflow)",
+    "evaluate": "zero-shot segmentation benchmarks of the trained model",
+}
+STAGE_NAMES: tuple[str, ...] = tuple(STAGE_HELP)
 
 
+@cache
 def get_stage(name: str) -> Stage:
-    for stage in STAGES:
-        if stage.name == name:
-            return stage
-    raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+    if name not in STAGE_HELP:
+        raise ValueError(f"unknown stage {name!r}; stages are {list(STAGE_NAMES)}")
+    stage = import_module(f"pipelines.{name}").STAGE
+    if stage.name != name:
+        raise TypeError(f"pipelines.{name}.STAGE is named {stage.name!r}")
+    return stage
+
+
+def stages() -> tuple[Stage, ...]:
+    """Every stage, in pipeline order."""
+    return tuple(get_stage(name) for name in STAGE_NAMES)
 
 
 def run_stage(
@@ -45,6 +63,9 @@ def run_stage(
         return get_stage(name).run(config, inputs, force=force, lineage=lineage)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipelines.ray_runtime import connect, node_id
+    from segclip.tracking import tracking_uri
 
     runtime = config.runtime.model_copy(
         update={
@@ -91,7 +112,7 @@ def stage_status(config: SegCLIPConfig) -> list[str]:
     use_s3_endpoint(config.runtime.s3_endpoint_url)
     lines: list[str] = []
     upstream: list[DataRef] | None = []
-    for stage in STAGES:
+    for stage in stages():
         if upstream is None:
             lines.append(f"{stage.name:12s} waiting for the stage before it")
             continue

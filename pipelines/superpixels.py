@@ -78,7 +78,6 @@ def _superpixel_shards(context: StageContext[list[str]]) -> StageOutput:
 
 STAGE = Stage[list[str]](
     name="superpixels",
-    help="add superpixel label maps to the ingested shards (Ray Data)",
     settings=settings,
     reads="ingest",
     prepare=_ingest_shards,

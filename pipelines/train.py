@@ -211,7 +211,6 @@ def _train(context: StageContext[TrainingInput]) -> StageOutput:
 
 STAGE = Stage[TrainingInput](
     name="train",
-    help="train SegCLIP on the superpixel shards (Ray Train, MLflow)",
     settings=settings,
     reads="superpixels",
     prepare=_plan,

@@ -10,11 +10,11 @@ from typing import Any
 
 # Before anything imports torchvision (open_clip does), in every process that
 # imports segclip: Ray and Prefect workers included.
-from segclip._torchvision_compat import ensure_torchvision_importable
+from segclip._torchvision_compat import fix_torchvision_on_import
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
 os.environ.setdefault("WANDB_MODE", "disabled")
-ensure_torchvision_importable()
+fix_torchvision_on_import()
 
 __version__ = "0.1.0"
 

@@ -104,7 +104,6 @@ class Stage(Generic[Prepared]):
     """
 
     name: str
-    help: str
     settings: Callable[[SegCLIPConfig], dict[str, Any]]
     prepare: Callable[[SegCLIPConfig, list[DataRef]], Prepared]
     body: Callable[[StageContext[Prepared]], StageOutput]

@@ -26,7 +26,6 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
-from scipy import stats
 from upath import UPath
 
 from segclip.config import ConfigError, MethodName, SegCLIPConfig
@@ -241,6 +240,8 @@ def compare(a: Sequence[float], b: Sequence[float]) -> Comparison:
     difference = statistics.fmean(b) - statistics.fmean(a)
     if len(a) < 2 or len(b) < 2 or (statistics.stdev(a) == 0 and statistics.stdev(b) == 0):
         return Comparison(difference, None)
+    from scipy import stats  # a second of imports that `segclip --help` need not pay
+
     return Comparison(difference, float(stats.ttest_ind(b, a, equal_var=False).pvalue))
 
 

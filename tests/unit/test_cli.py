@@ -122,3 +122,34 @@ def test_predict_runs_a_training_free_method_and_refuses_an_unknown_one(tmp_path
     assert np.asarray(Image.open(out / "x_label.png")).shape == (40, 56)
     with pytest.raises(ConfigError, match="unknown method 'plain'"):
         Predictor(tiny_model, ["cat"], method="plain")
+
+
+def test_help_and_config_load_no_framework():
+    """`segclip --help` and `segclip config` answer in a fraction of a second: the stages'
+    modules (torch, open_clip, Ray, MLflow) and scipy load only when a command needs them."""
+    heavy = ("torch", "torchvision", "open_clip", "ray", "prefect", "mlflow", "scipy")
+    probe = (
+        "import contextlib, io, sys\n"
+        "from flows.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['config', '--profile', 'tiny']) == 0\n"
+        "    try:\n"
+        "        main(['--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "", f"imported: {done.stdout.strip()}"
+
+
+def test_torchvision_imports_after_segclip_without_torch_upfront():
+    """`import segclip` defers torch; torchvision still imports (with its op schemas) later."""
+    probe = (
+        "import sys, segclip\n"
+        "assert 'torch' not in sys.modules\n"
+        "import torch, torchvision\n"
+        "print(torch.ops.torchvision.nms is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]

@@ -96,7 +96,6 @@ def _toy_stage(calls: list, fail: bool = False) -> Stage:
 
     return Stage[int](
         name="toy",
-        help="a stage for tests",
         settings=lambda config: {"seed": config.train.seed},
         sources=lambda config: [],
         prepare=lambda config, inputs: 3,
@@ -155,7 +154,6 @@ def test_inputs_follow_the_declaration():
         source.resolve_inputs(config, [ref])
     reader = Stage[None](
         name="train",
-        help="",
         settings=lambda config: {},
         reads="superpixels",
         prepare=lambda config, inputs: None,
@@ -167,7 +165,6 @@ def test_inputs_follow_the_declaration():
     with pytest.raises(TypeError, match="exactly one of `reads` and `sources`"):
         Stage[None](
             name="x",
-            help="",
             settings=lambda config: {},
             prepare=lambda config, inputs: None,
             body=lambda context: StageOutput(),

@@ -3,7 +3,7 @@
 import pytest
 
 from pipelines import train
-from pipelines.registry import STAGES, get_stage
+from pipelines.registry import get_stage, stages
 from segclip.config import load_config
 from segclip.manifest import DataRef, stage_key
 
@@ -79,5 +79,5 @@ def test_a_stage_key_ignores_what_only_later_stages_use():
 
 
 def test_the_registry_orders_the_four_stages_each_reading_the_one_before():
-    assert [s.name for s in STAGES] == ["ingest", "superpixels", "train", "evaluate"]
-    assert [s.reads for s in STAGES] == [None, "ingest", "superpixels", "train"]
+    assert [s.name for s in stages()] == ["ingest", "superpixels", "train", "evaluate"]
+    assert [s.reads for s in stages()] == [None, "ingest", "superpixels", "train"]
