@@ -31,7 +31,7 @@ from segclip.data.serve import serve_directory
 from segclip.data.shards import superpixel_shard
 from segclip.manifest import load_result
 from segclip.model import build_model
-from segclip.train import TrainStep, build_optimizer, build_scheduler
+from segclip.train import build_train_step
 
 IMAGE_SIZE = 224
 STAGE_SCRIPT = """
@@ -119,15 +119,7 @@ def bench_superpixels(root: Path, ingest_dir: str, args: argparse.Namespace) -> 
 def bench_loader(profile: str, shards: list[str], steps: int, workers: int) -> dict:
     config = load_config(profile, ["model.pretrained=null"])
     torch.manual_seed(0)
-    model = build_model(config.model)
-    optimizer = build_optimizer(model, config.train)
-    step = TrainStep(
-        model,
-        optimizer,
-        build_scheduler(optimizer, config.train, 1000),
-        loss_config=config.loss,
-        train_config=config.train,
-    )
+    step = build_train_step(build_model(config.model), config, total_steps=1000)
     loader = iter(training_loader(shards, config, LOADER_BATCH[profile], num_workers=workers))
     step(next(loader))  # warm-up: worker start-up and first allocations
     waiting = computing = 0.0

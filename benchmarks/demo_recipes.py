@@ -131,7 +131,7 @@ def train_and_score(job: Job) -> dict[str, Any]:
     from segclip.eval.segment import Segmenter, apply_background
     from segclip.model import build_model
     from segclip.storage import location
-    from segclip.train import TrainStep, build_optimizer, build_scheduler
+    from segclip.train import build_train_step
     from segclip.train.plan import plan_training
 
     start = time.perf_counter()
@@ -147,15 +147,7 @@ def train_and_score(job: Job) -> dict[str, Any]:
     plan = plan_training(config, 250 * len(job.shards))
     torch.manual_seed(config.train.seed)
     model = build_model(config.model).to(device)
-    optimizer = build_optimizer(model, config.train)
-    step_fn = TrainStep(
-        model,
-        optimizer,
-        build_scheduler(optimizer, config.train, plan.total_steps),
-        loss_config=config.loss,
-        train_config=config.train,
-        device_type=device.type,
-    )
+    step_fn = build_train_step(model, config, total_steps=plan.total_steps, device_type=device.type)
     loader = training_loader(list(job.shards), config, plan.worker_batch, num_workers=2)
     batches, contrastive = iter(loader), []
     for _ in range(plan.total_steps):

@@ -28,7 +28,7 @@ from segclip.data.loader import training_loader
 from segclip.model import build_model
 from segclip.storage import location
 from segclip.tracking import log_metrics
-from segclip.train import TrainStep, build_optimizer, build_scheduler
+from segclip.train import TrainStep, build_train_step
 from segclip.train.metric_window import MetricWindow, progress_line
 from segclip.train.plan import TrainPlan
 from segclip.train.state import load_training_state, reseed_for_resume, save_training_state
@@ -50,17 +50,12 @@ class WorkerPayload:
 
 
 def _build(config: SegCLIPConfig, plan: TrainPlan, device: torch.device) -> TrainStep:
-    model = build_model(config.model)
-    optimizer = build_optimizer(model, config.train)
-    scheduler = build_scheduler(optimizer, config.train, plan.total_steps)
-    wrapped = ray.train.torch.prepare_model(model)  # device placement and DDP
-    return TrainStep(
-        wrapped,
-        optimizer,
-        scheduler,
-        loss_config=config.loss,
-        train_config=config.train,
+    return build_train_step(
+        build_model(config.model),
+        config,
+        total_steps=plan.total_steps,
         device_type=device.type,
+        wrap=ray.train.torch.prepare_model,  # device placement and DDP
     )
 
 

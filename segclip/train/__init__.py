@@ -2,6 +2,13 @@
 
 from segclip.data.batch import Batch
 from segclip.train.optim import build_optimizer, build_scheduler, warmup_cosine
-from segclip.train.step import TrainStep
+from segclip.train.step import TrainStep, build_train_step
 
-__all__ = ["Batch", "TrainStep", "build_optimizer", "build_scheduler", "warmup_cosine"]
+__all__ = [
+    "Batch",
+    "TrainStep",
+    "build_optimizer",
+    "build_scheduler",
+    "build_train_step",
+    "warmup_cosine",
+]

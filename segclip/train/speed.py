@@ -18,8 +18,7 @@ from segclip.config import SegCLIPConfig
 from segclip.data.batch import Batch
 from segclip.losses import LossTerms
 from segclip.model import CaptionTokenizer, SegCLIP
-from segclip.train.optim import build_optimizer, build_scheduler
-from segclip.train.step import TrainStep
+from segclip.train.step import TrainStep, build_train_step
 
 SCHEDULE_STEPS = 1000  # long enough that a measurement never reaches the end of the schedule
 
@@ -49,20 +48,14 @@ def benchmark_step(
     device_type: str = "cpu",
     wrap: Callable[[SegCLIP], nn.Module] | None = None,
 ) -> TrainStep:
-    """The recipe's optimiser, schedule and losses around `model`, at `precision`.
-
-    `wrap` (e.g. DistributedDataParallel) is applied after the optimiser has frozen
-    the frozen parameters, so the wrapper never waits for gradients they do not get.
-    """
+    """The recipe's optimiser, schedule and losses around `model`, at `precision`."""
     train_config = config.train.model_copy(update={"precision": precision})
-    optimizer = build_optimizer(model, train_config)
-    return TrainStep(
-        wrap(model) if wrap else model,
-        optimizer,
-        build_scheduler(optimizer, train_config, SCHEDULE_STEPS),
-        loss_config=config.loss,
-        train_config=train_config,
+    return build_train_step(
+        model,
+        config.model_copy(update={"train": train_config}),
+        total_steps=SCHEDULE_STEPS,
         device_type=device_type,
+        wrap=wrap,
     )
 
 

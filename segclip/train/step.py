@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import fields
 
 import torch
 from torch import nn
 
-from segclip.config import LossConfig, TrainConfig
+from segclip.config import LossConfig, SegCLIPConfig, TrainConfig
 from segclip.data.batch import Batch
 from segclip.losses import LossTerms, segclip_loss
 from segclip.model import SegCLIP
+from segclip.train.optim import build_optimizer, build_scheduler
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -82,3 +84,28 @@ class TrainStep:
                 for f in fields(LossTerms)
             )
         )
+
+
+def build_train_step(
+    model: SegCLIP,
+    config: SegCLIPConfig,
+    *,
+    total_steps: int,
+    device_type: str = "cpu",
+    wrap: Callable[[SegCLIP], nn.Module] | None = None,
+) -> TrainStep:
+    """The recipe's optimiser, its schedule over `total_steps` and its losses around `model`.
+
+    `wrap` (DistributedDataParallel, Ray Train's `prepare_model`) is applied after the
+    optimiser has taken the parameters, so the wrapper never waits for gradients that frozen
+    parameters do not get.
+    """
+    optimizer = build_optimizer(model, config.train)
+    return TrainStep(
+        wrap(model) if wrap else model,
+        optimizer,
+        build_scheduler(optimizer, config.train, total_steps),
+        loss_config=config.loss,
+        train_config=config.train,
+        device_type=device_type,
+    )
