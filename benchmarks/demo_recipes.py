@@ -35,6 +35,7 @@ from typing import Any
 
 import segclip  # noqa: F401  (torchvision fix before open_clip)
 from segclip.data.scenes import CATEGORIES, COLOURS
+from segclip.manifest import load_result
 from segclip.sweep import spread
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
@@ -48,7 +49,7 @@ class Recipe:
 
     overrides: tuple[str, ...] = ()
     colour_share: float = 1.0
-    shards: int | None = None  # the first N superpixel shards only (250 images each)
+    shards: int | None = None  # the first N superpixel shards only
 
 
 RECIPES: dict[str, Recipe] = {
@@ -75,6 +76,7 @@ class Job:
     steps: int
     seed: int
     shards: tuple[str, ...]
+    samples: int  # in those shards
     benchmark: str
     device: str
     threads: int
@@ -144,7 +146,7 @@ def train_and_score(job: Job) -> dict[str, Any]:
         "runtime.train_workers=1",
     ]
     config = load_config("demo", overrides)
-    plan = plan_training(config, 250 * len(job.shards))
+    plan = plan_training(config, job.samples)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model).to(device)
     step_fn = build_train_step(model, config, total_steps=plan.total_steps, device_type=device.type)
@@ -178,8 +180,9 @@ def train_and_score(job: Job) -> dict[str, Any]:
     }
 
 
-def demo_inputs() -> tuple[list[str], str]:
-    """The superpixel shards and benchmark folder of the newest finished `make demo`."""
+def demo_inputs() -> tuple[list[tuple[str, int]], str]:
+    """The superpixel shards (with their sample counts) and the benchmark folder of the newest
+    finished `make demo`."""
 
     def newest(pattern: str) -> Path:
         found = sorted(DEMO_WORKDIR.glob(pattern), key=lambda p: p.stat().st_mtime)
@@ -187,9 +190,9 @@ def demo_inputs() -> tuple[list[str], str]:
             raise SystemExit(f"no {DEMO_WORKDIR / pattern}: run `make demo` first")
         return found[-1]
 
-    shards = sorted(
-        str(p) for p in newest("superpixels/*/manifest.json").parent.glob("shards/*.tar")
-    )
+    superpixels = load_result(newest("superpixels/*/manifest.json").parent)
+    counts = [shard.samples for shard in superpixels.manifest.shards]
+    shards = list(zip(superpixels.shard_urls, counts, strict=True))
     return shards, str(newest("benchmarks/demo-*/class_names.txt").parent)
 
 
@@ -230,13 +233,22 @@ def main() -> None:
         jobs = []
         for text in args.recipes:
             name, recipe, steps = parse_recipe(text)
-            used = shards[: recipe.shards]
+            used = [url for url, _ in shards[: recipe.shards]]
+            samples = sum(count for _, count in shards[: recipe.shards])
             if recipe.colour_share < 1:
                 folder = Path(scratch) / text.replace(":", "_")
                 folder.mkdir()
                 used = rewrite_captions(used, recipe.colour_share, folder)
             job = Job(
-                f"{name}:{steps}", recipe, steps, 0, tuple(used), benchmark, args.device, threads
+                f"{name}:{steps}",
+                recipe,
+                steps,
+                0,
+                tuple(used),
+                samples,
+                benchmark,
+                args.device,
+                threads,
             )
             jobs += [replace(job, seed=seed) for seed in args.seeds]
         context = get_context("spawn")
