@@ -8,7 +8,8 @@ shards and benchmark of a finished `make demo`, so a machine with many cores and
 runs several at once. One process trains with the whole global batch (the demo's two
 Ray Train ranks each take half of it), so a seed here draws other crops than the same
 seed in `segclip run`, and GPU kernels are not bit-reproducible: read the spread, not
-one seed's number.
+one seed's number. Each run is also scored on held-out scenes (a third scene seed, never
+the benchmark's), and the threshold best there is the one a recipe change may adopt.
 
     python benchmarks/demo_recipes.py --recipes demo:500 shape_captions:800 --seeds 0 1 2
     python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo:1200
@@ -40,6 +41,7 @@ from segclip.sweep import spread
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
 DEMO_WORKDIR = Path("workdir/demo")
+HELDOUT_IMAGES = 200
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Job:
     shards: tuple[str, ...]
     samples: int  # in those shards
     benchmark: str
+    heldout: str  # scenes of neither the training nor the benchmark seed
     device: str
     threads: int
 
@@ -127,12 +130,8 @@ def train_and_score(job: Job) -> dict[str, Any]:
     from segclip.config import load_config
     from segclip.data.loader import training_loader
     from segclip.device import resolve_device
-    from segclip.eval.datasets import get_benchmark, read_sample, sample_ids
-    from segclip.eval.metrics import ConfusionMatrix
     from segclip.eval.protocol import PROTOCOLS
-    from segclip.eval.segment import Segmenter, apply_background
     from segclip.model import build_model
-    from segclip.storage import location
     from segclip.train import build_train_step
     from segclip.train.plan import plan_training
 
@@ -157,16 +156,9 @@ def train_and_score(job: Job) -> dict[str, Any]:
         contrastive.append(terms.contrastive.item())
     trained = time.perf_counter() - start
 
-    spec, protocol = get_benchmark("demo"), PROTOCOLS["segclip_learned_scale"]
-    segmenter = Segmenter(model, spec.text_classes, protocol, None, device=device)
-    folder = location(job.benchmark)
-    matrices = {t: ConfusionMatrix(len(spec.class_names)) for t in THRESHOLDS}
-    for sample_id in sample_ids(spec, folder):
-        sample = read_sample(spec, folder, sample_id)
-        scores = segmenter.scores(sample.image).float().cpu()
-        for threshold, matrix in matrices.items():
-            labels = apply_background(scores, threshold).numpy().astype("uint8")
-            matrix.update(labels, sample.label)
+    protocol = PROTOCOLS["segclip_learned_scale"]
+    matrices = threshold_matrices(model, protocol, job.benchmark, device)
+    heldout = threshold_matrices(model, protocol, job.heldout, device)
     chosen = matrices[protocol.background_thresholds["demo"]]
     return {
         "label": job.label,
@@ -175,9 +167,40 @@ def train_and_score(job: Job) -> dict[str, Any]:
         "pixel_accuracy": 100 * chosen.pixel_accuracy(),
         "class_iou": [round(100 * float(v), 1) for v in chosen.iou()],
         "by_threshold": {t: 100 * m.mean_iou() for t, m in matrices.items()},
+        "heldout_by_threshold": {t: 100 * m.mean_iou() for t, m in heldout.items()},
         "contrastive": sum(contrastive[-50:]) / len(contrastive[-50:]),
         "train_s": trained,
     }
+
+
+def threshold_matrices(model, protocol, folder: str, device) -> dict:
+    """Confusion matrices of a demo-layout benchmark folder, one per background threshold."""
+    from segclip.eval.datasets import get_benchmark, read_sample, sample_ids
+    from segclip.eval.metrics import ConfusionMatrix
+    from segclip.eval.segment import Segmenter, apply_background
+    from segclip.storage import location
+
+    spec = get_benchmark("demo")
+    segmenter = Segmenter(model, spec.text_classes, protocol, None, device=device)
+    matrices = {t: ConfusionMatrix(len(spec.class_names)) for t in THRESHOLDS}
+    for sample_id in sample_ids(spec, location(folder)):
+        sample = read_sample(spec, location(folder), sample_id)
+        scores = segmenter.scores(sample.image).float().cpu()
+        for threshold, matrix in matrices.items():
+            labels = apply_background(scores, threshold).numpy().astype("uint8")
+            matrix.update(labels, sample.label)
+    return matrices
+
+
+def write_heldout(folder: Path) -> str:
+    """Scenes of a seed that is neither the demo's training nor its benchmark seed."""
+    from segclip.config import load_config
+    from segclip.data.demo_data import write_demo_benchmark
+
+    demo = load_config("demo").demo
+    seed = max(demo.seed, demo.benchmark_seed) + 1
+    settings = demo.model_copy(update={"benchmark_seed": seed, "benchmark_images": HELDOUT_IMAGES})
+    return str(write_demo_benchmark(folder, settings))
 
 
 def demo_inputs() -> tuple[list[tuple[str, int]], str]:
@@ -196,25 +219,36 @@ def demo_inputs() -> tuple[list[tuple[str, int]], str]:
     return shards, str(newest("benchmarks/demo-*/class_names.txt").parent)
 
 
+def heldout_choice(runs: list[dict[str, Any]]) -> float:
+    """The threshold with the best mean mIoU over the runs on the held-out scenes."""
+    return max(THRESHOLDS, key=lambda t: spread([r["heldout_by_threshold"][t] for r in runs]).mean)
+
+
+def mean_std(values: list[float]) -> str:
+    summary = spread(values)
+    return f"{summary.mean:.1f} +- {'-' if summary.std is None else f'{summary.std:.1f}'}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         "| recipe:steps | seeds | mIoU per seed | mean +- std | pixel acc. | "
         + " | ".join(f"mean at {t}" for t in THRESHOLDS)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * len(THRESHOLDS),
+        + " | held-out threshold | mIoU per seed at it | mean +- std at it |",
+        "|---|---|---|---|---|" + "---|" * len(THRESHOLDS) + "---|---|---|",
     ]
     for label in dict.fromkeys(r["label"] for r in results):
         runs = sorted((r for r in results if r["label"] == label), key=lambda r: r["seed"])
-        miou = spread([r["miou"] for r in runs])
-        std = "-" if miou.std is None else f"{miou.std:.1f}"
         at = [spread([r["by_threshold"][t] for r in runs]).mean for t in THRESHOLDS]
+        chosen = heldout_choice(runs)
+        at_chosen = [r["by_threshold"][chosen] for r in runs]
         seeds = " ".join(str(r["seed"]) for r in runs)
         per_seed = " ".join(f"{r['miou']:.1f}" for r in runs)
         lines.append(
-            f"| {label} | {seeds} | {per_seed} | {miou.mean:.1f} +- {std} | "
+            f"| {label} | {seeds} | {per_seed} | "
+            f"{mean_std([r['miou'] for r in runs])} | "
             f"{spread([r['pixel_accuracy'] for r in runs]).mean:.1f} | "
             + " | ".join(f"{v:.1f}" for v in at)
-            + " |"
+            + f" | {chosen} | {' '.join(f'{v:.1f}' for v in at_chosen)} | {mean_std(at_chosen)} |"
         )
     return "\n".join(lines)
 
@@ -230,7 +264,7 @@ def main() -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
     shards, benchmark = demo_inputs()
     with tempfile.TemporaryDirectory() as scratch:
-        jobs = []
+        heldout, jobs = write_heldout(Path(scratch) / "heldout"), []
         for text in args.recipes:
             name, recipe, steps = parse_recipe(text)
             used = [url for url, _ in shards[: recipe.shards]]
@@ -247,6 +281,7 @@ def main() -> None:
                 tuple(used),
                 samples,
                 benchmark,
+                heldout,
                 args.device,
                 threads,
             )
