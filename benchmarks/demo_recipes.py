@@ -39,7 +39,7 @@ from segclip.data.scenes import CATEGORIES, COLOURS
 from segclip.manifest import load_result
 from segclip.sweep import spread
 
-THRESHOLDS = (0.5, 0.7, 0.9, 0.95)
+THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.995, 0.998)
 DEMO_WORKDIR = Path("workdir/demo")
 HELDOUT_IMAGES = 200
 

@@ -4,7 +4,7 @@ import torch
 from skimage.segmentation import felzenszwalb
 
 from segclip.config import DataConfig
-from segclip.data.scenes import CATEGORIES, render_scene
+from segclip.data.scenes import CAPTION_FRAMES, CATEGORIES, COLOURS, render_scene
 from segclip.data.superpixels import compute_superpixels, patch_superpixel_ids
 
 
@@ -41,6 +41,25 @@ def test_scenes_are_deterministic_and_captions_name_their_objects():
     assert np.array_equal(first.image, again.image) and first.caption == again.caption
     present = {CATEGORIES[k - 1] for k in np.unique(first.class_map) if k}
     assert present and all(name in first.caption for name in present)
+
+
+def test_captions_use_every_frame_including_the_zero_shot_prompts():
+    def frame_of(caption: str) -> str:  # the most specific frame that fits
+        fits = [f for f in CAPTION_FRAMES if caption.startswith(f.split("{}")[0])]
+        fits = [f for f in fits if caption.endswith(f.split("{}")[1])]
+        return max(fits, key=len)
+
+    captions = [render_scene(np.random.default_rng(seed), 32).caption for seed in range(200)]
+    assert {frame_of(c) for c in captions} == set(CAPTION_FRAMES)
+    # the benchmark's prompt "a photo of a {}." reads like a caption of one object
+    assert any(c.startswith("a photo of a ") and " and " not in c for c in captions)
+
+
+def test_captions_name_the_colour_in_about_half_the_mentions():
+    words = " ".join(render_scene(np.random.default_rng(s), 32).caption for s in range(300)).split()
+    shapes = [i for i, w in enumerate(words) if w.strip(".,") in CATEGORIES]
+    coloured = sum(words[i - 1] in COLOURS for i in shapes)
+    assert len(shapes) > 400 and 0.4 < coloured / len(shapes) < 0.6
 
 
 def test_paired_crop_keeps_image_and_labels_aligned():
