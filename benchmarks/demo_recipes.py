@@ -176,7 +176,7 @@ def train_and_score(job: Job) -> dict[str, Any]:
 
 def threshold_matrices(model, protocol, folder: str, device) -> dict:
     """Confusion matrices of a demo-layout benchmark folder, one per background threshold."""
-    from segclip.eval.datasets import get_benchmark, read_sample, sample_ids
+    from segclip.eval.datasets import get_benchmark, read_samples
     from segclip.eval.metrics import ConfusionMatrix
     from segclip.eval.segment import Segmenter, apply_background
     from segclip.storage import location
@@ -184,9 +184,7 @@ def threshold_matrices(model, protocol, folder: str, device) -> dict:
     spec = get_benchmark("demo")
     segmenter = Segmenter(model, spec.text_classes, protocol, None, device=device)
     matrices = {t: ConfusionMatrix(len(spec.class_names)) for t in THRESHOLDS}
-    root = location(folder)
-    for sample_id in sample_ids(spec, root):
-        sample = read_sample(spec, root, sample_id)
+    for sample in read_samples(spec, location(folder)):
         scores = segmenter.scores(sample.image).float().cpu()
         for threshold, matrix in matrices.items():
             labels = apply_background(scores, threshold).numpy().astype("uint8")
