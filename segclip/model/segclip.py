@@ -186,9 +186,11 @@ class SegCLIP(nn.Module):
         """Token ids (B, L), L <= context length -> unnormalised text embeddings (B, E).
 
         Causal attention and pooling at the end token make the embedding
-        independent of padding, so short token rows skip the padded positions.
+        independent of padding, so the tower runs only up to the batch's last end
+        token: the demo's short captions cost half of the 32 positions.
         """
         clip = self.clip
+        tokens = tokens[:, : _last_pooled_position(tokens, clip) + 1]
         length = tokens.shape[1]
         if length > clip.context_length:
             raise ValueError(f"{length} tokens exceed the context length {clip.context_length}")
@@ -240,6 +242,15 @@ def build_model(config: ModelConfig) -> SegCLIP:
         config.clip_model, pretrained=config.pretrained, force_quick_gelu=config.quick_gelu
     )
     return SegCLIP(clip, config)
+
+
+def _last_pooled_position(tokens: torch.Tensor, clip: nn.Module) -> int:
+    """The latest position any row pools its embedding from (the last one if unknown)."""
+    if clip.text_pool_type == "argmax":  # CLIP: the end token has the highest id
+        return int(tokens.argmax(dim=-1).max())
+    if clip.text_pool_type == "eos":
+        return int((tokens == clip.text_eos_id).int().argmax(dim=-1).max())
+    return tokens.shape[1] - 1
 
 
 class CaptionTokenizer:

@@ -117,6 +117,23 @@ def test_text_encoder_matches_open_clip_and_ignores_padding(tiny_model, tiny_con
     torch.testing.assert_close(tiny_model.encode_text(padded), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_text_tower_runs_only_up_to_the_batch_s_last_end_token(tiny_model, tiny_config):
+    tokens = CaptionTokenizer(tiny_config.model)(["a cross", "two green triangles on a pattern"])
+    longest = int((tokens != 0).sum(dim=1).max())  # start + words + end of the longer caption
+    assert longest < tokens.shape[1]
+    seen = []
+    hook = tiny_model.clip.transformer.register_forward_pre_hook(
+        lambda _, args: seen.append(args[0].shape[1])
+    )
+    try:
+        trimmed = tiny_model.encode_text(tokens)
+    finally:
+        hook.remove()
+    assert seen == [longest]
+    one_by_one = torch.cat([tiny_model.encode_text(row[None]) for row in tokens])
+    torch.testing.assert_close(trimmed, one_by_one, rtol=1e-5, atol=1e-5)
+
+
 def test_captions_are_truncated_to_30_tokens_plus_start_and_end(tiny_config):
     tokens = CaptionTokenizer(tiny_config.model)(["word " * 100])
     assert tokens.shape == (1, 32)
