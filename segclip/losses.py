@@ -120,13 +120,22 @@ class LossTerms:
 def segclip_loss(
     outputs: TrainOutputs, superpixel_ids: torch.Tensor, config: LossConfig
 ) -> LossTerms:
-    """L = w_con L_con + w_kl L_kl + w_rec L_rec, with each term kept for logging."""
+    """L = w_con L_con + w_kl L_kl + w_rec L_rec, with each term kept for logging.
+
+    A forward without the masked pass logs its reconstruction term as NaN (not
+    computed, rather than a loss of 0) and needs a reconstruction weight of 0.
+    """
     con = contrastive_loss(outputs.image_features, outputs.text_features, outputs.logit_scale)
     kl = superpixel_kl_loss(outputs.patch_assign, superpixel_ids, config.kl_form)
-    rec = reconstruction_loss(outputs.reconstruction, outputs.target, outputs.masked)
-    total = (
-        config.contrastive_weight * con
-        + config.superpixel_kl_weight * kl
-        + config.reconstruction_weight * rec
-    )
+    total = config.contrastive_weight * con + config.superpixel_kl_weight * kl
+    if outputs.reconstruction is not None:
+        rec = reconstruction_loss(outputs.reconstruction, outputs.target, outputs.masked)
+        total = total + config.reconstruction_weight * rec
+    elif config.reconstruction_weight:
+        raise ValueError(
+            "loss.reconstruction_weight is not 0 but the forward skipped the masked pass: "
+            "call the model with reconstruct=True"
+        )
+    else:
+        rec = torch.full_like(total, float("nan"))
     return LossTerms(total=total, contrastive=con, superpixel_kl=kl, reconstruction=rec)

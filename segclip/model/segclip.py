@@ -58,9 +58,10 @@ class TrainOutputs:
     text_features: torch.Tensor  # (B, E), L2-normalised
     logit_scale: torch.Tensor  # scalar, exp(s) clamped to 100
     patch_assign: torch.Tensor  # (B, N, G): per patch, the full pass's straight-through center
-    reconstruction: torch.Tensor  # (B, N, p*p*3) predicted pixels
-    target: torch.Tensor  # (B, N, p*p*3) CLIP-normalised input pixels
-    masked: torch.Tensor  # (B, N) bool, True where the masked pass hid the patch
+    # None when the forward skipped the masked pass (reconstruction weight 0)
+    reconstruction: torch.Tensor | None  # (B, N, p*p*3) predicted pixels
+    target: torch.Tensor | None  # (B, N, p*p*3) CLIP-normalised input pixels
+    masked: torch.Tensor | None  # (B, N) bool, True where the masked pass hid the patch
 
 
 class SegCLIP(nn.Module):
@@ -209,22 +210,31 @@ class SegCLIP(nn.Module):
         """Keep exp(s) <= 100; the training loop calls this after each optimiser step."""
         self.clip.logit_scale.clamp_(max=MAX_LOG_LOGIT_SCALE)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> TrainOutputs:
-        """One training step's forward: full pass, masked pass, text; losses are separate."""
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, *, reconstruct: bool = True
+    ) -> TrainOutputs:
+        """One training step's forward: full pass, masked pass, text; losses are separate.
+
+        `reconstruct=False` skips the masked pass and the decoder, about half of a tiny
+        model's step, for recipes that give the reconstruction loss no weight.
+        """
         full = self.encode_image(images, VisionMode.TRAIN)
-        masked_pass = self.encode_image(images, VisionMode.MASKED)
-        pixels = self.reconstruction(
-            masked_pass.center_tokens, masked_pass.hard_assign, masked_pass.patch_index
-        )
-        masked = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
-        masked.scatter_(1, masked_pass.patch_index, False)
+        pixels = target = masked = None
+        if reconstruct:
+            masked_pass = self.encode_image(images, VisionMode.MASKED)
+            pixels = self.reconstruction(
+                masked_pass.center_tokens, masked_pass.hard_assign, masked_pass.patch_index
+            )
+            masked = torch.ones(pixels.shape[:2], dtype=torch.bool, device=pixels.device)
+            masked.scatter_(1, masked_pass.patch_index, False)
+            target = patchify(images, self.patch_size)
         return TrainOutputs(
             image_features=F.normalize(full.embedding, dim=-1),
             text_features=F.normalize(self.encode_text(tokens), dim=-1),
             logit_scale=self.logit_scale(),
             patch_assign=full.hard_assign.transpose(1, 2),
             reconstruction=pixels,
-            target=patchify(images, self.patch_size),
+            target=target,
             masked=masked,
         )
 

@@ -46,6 +46,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_config = loss_config
+        self.reconstructs = loss_config.reconstruction_weight > 0
         self.grad_clip_norm = train_config.grad_clip_norm
         self.device_type = device_type
         self.autocast_dtype = AUTOCAST_DTYPES[train_config.precision]
@@ -56,7 +57,7 @@ class TrainStep:
         with torch.autocast(
             self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            outputs = self.model(batch.images, batch.tokens)
+            outputs = self.model(batch.images, batch.tokens, reconstruct=self.reconstructs)
             return segclip_loss(outputs, batch.superpixels, self.loss_config)
 
     def __call__(self, batch: Batch, micro_batches: int = 1) -> LossTerms:
@@ -100,6 +101,8 @@ def build_train_step(
     optimiser has taken the parameters, so the wrapper never waits for gradients that frozen
     parameters do not get.
     """
+    if not config.loss.reconstruction_weight:  # never run: no gradient for DDP to wait for
+        model.reconstruction.requires_grad_(False)
     optimizer = build_optimizer(model, config.train)
     return TrainStep(
         wrap(model) if wrap else model,

@@ -174,3 +174,35 @@ def test_two_ddp_ranks_give_the_loss_and_gradients_of_one_process_with_both_halv
             results[0][1][name], results[1][1][name], msg=name
         )  # DDP averaged
         torch.testing.assert_close(results[0][1][name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def _no_reconstruction_rank_main(rank: int, world: int, port: int, results: dict) -> None:
+    from segclip.train import build_train_step
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        config, model, batch = _model_and_batch()
+        config = config.model_copy(
+            update={"loss": config.loss.model_copy(update={"reconstruction_weight": 0.0})}
+        )
+        step = build_train_step(
+            model, config, total_steps=10, wrap=torch.nn.parallel.DistributedDataParallel
+        )
+        local = batch.select(torch.arange(rank * HALF, (rank + 1) * HALF))
+        for _ in range(2):  # DDP raises on the second step if a trainable parameter got no grad
+            step(local)
+        results[rank] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_in_step_without_the_reconstruction_branch():
+    results = _run_two_ranks(_no_reconstruction_rank_main)
+    _, initial, _ = _model_and_batch()
+    for name, value in results[0].items():
+        torch.testing.assert_close(value, results[1][name], msg=name)
+    moved = {n for n, v in results[0].items() if not torch.equal(v, initial.state_dict()[n])}
+    assert moved and not any(n.startswith("reconstruction.") for n in moved)

@@ -13,7 +13,14 @@ from segclip.losses import segclip_loss
 from segclip.model import CaptionTokenizer, SegCLIP, VisionMode, build_model, parameter_groups
 from segclip.model import group as group_module
 from segclip.model.group import argmax_one_hot, straight_through_gumbel
-from segclip.train import Batch, TrainStep, build_optimizer, build_scheduler, warmup_cosine
+from segclip.train import (
+    Batch,
+    TrainStep,
+    build_optimizer,
+    build_scheduler,
+    build_train_step,
+    warmup_cosine,
+)
 from segclip.train.state import reseed_for_resume
 from tests.weights import same_weights
 
@@ -367,3 +374,39 @@ def test_a_resumed_run_reseeds_each_rank_from_the_seed_and_the_step():
     assert not torch.equal(draws(0, 0, 200), draws(0, 1, 200))  # ranks stay distinct
     assert not torch.equal(draws(0, 0, 200), draws(0, 0, 400))
     assert not torch.equal(draws(0, 0, 200), draws(1, 0, 200))
+
+
+# --- 7. a recipe without the reconstruction loss -------------------------------------------
+
+
+def test_a_zero_reconstruction_weight_skips_the_masked_pass_and_trains_the_rest(tiny_config):
+    config = tiny_config.model_copy(
+        update={"loss": tiny_config.loss.model_copy(update={"reconstruction_weight": 0.0})}
+    )
+    model = _fresh_model(config)
+    decoder_runs = []
+    model.reconstruction.register_forward_hook(lambda *_: decoder_runs.append(1))
+    before = copy.deepcopy(model.state_dict())
+    step = build_train_step(model, config, total_steps=TOTAL_STEPS)
+    terms = step(_batch(config))
+    assert decoder_runs == []
+    assert math.isnan(terms.reconstruction.item())  # logged as not computed, not as 0
+    weights = config.loss
+    expected = weights.contrastive_weight * terms.contrastive + weights.superpixel_kl_weight * (
+        terms.superpixel_kl
+    )
+    assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
+    changed = {n for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
+    assert not any(n.startswith("reconstruction.") for n in changed)
+    assert any(n.startswith("group.") for n in changed)
+    assert any(n.startswith("clip.transformer.") for n in changed)  # the text tower trains
+
+
+def test_a_forward_without_the_masked_pass_needs_a_zero_reconstruction_weight(
+    tiny_model, tiny_config
+):
+    batch = _batch(tiny_config)
+    outputs = tiny_model(batch.images, batch.tokens, reconstruct=False)
+    assert outputs.reconstruction is None and outputs.masked is None
+    with pytest.raises(ValueError, match=r"reconstruction_weight.*reconstruct=True"):
+        segclip_loss(outputs, batch.superpixels, tiny_config.loss)
