@@ -91,6 +91,7 @@ def _reconstruction(model: SegCLIP) -> int:
 
 
 def _text(model: SegCLIP) -> int:
+    """At the full caption length: a batch of shorter captions stops at its longest one."""
     clip = model.clip
     tokens = model.config.caption_tokens + 2  # the tokenizer's start and end tokens
     width = clip.transformer.width

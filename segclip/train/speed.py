@@ -24,13 +24,12 @@ SCHEDULE_STEPS = 1000  # long enough that a measurement never reaches the end of
 
 
 def synthetic_batch(model: SegCLIP, batch_size: int) -> Batch:
-    """Random pixels at the model's training size, one caption, 12 superpixels per image:
-    the step's cost does not depend on the values."""
+    """Random pixels at the model's training size, 12 superpixels per image and captions
+    of the full `caption_tokens`: the text tower runs up to a batch's longest caption, so
+    this is the step's worst case; otherwise the cost does not depend on the values."""
     size = model.grid[0] * model.patch_size
     generator = torch.Generator().manual_seed(0)
-    tokens = CaptionTokenizer(model.config)(
-        ["a red square to the left of a blue circle"] * batch_size
-    )
+    tokens = CaptionTokenizer(model.config)(["word " * model.config.caption_tokens] * batch_size)
     return Batch(
         images=torch.randn(batch_size, 3, size, size, generator=generator),
         tokens=tokens,

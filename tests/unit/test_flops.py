@@ -6,22 +6,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from segclip.config import load_config
-from segclip.model import CaptionTokenizer, SegCLIP, build_model
+from segclip.model import SegCLIP, build_model
 from segclip.model.flops import forward_flops, train_flops_per_sample
+from segclip.train.speed import synthetic_batch
 
 
 def counted_forward_flops(profile: str) -> tuple[int, SegCLIP]:
     """FlopCounterMode's count of one sample's training forward, and the model it ran.
 
-    The math attention kernel runs attention as plain products the counter sees.
+    The math attention kernel runs attention as plain products the counter sees. The
+    benchmarks' synthetic caption fills `caption_tokens`, the length the count assumes.
     """
     config = load_config(profile, ["model.pretrained=null"])
     torch.manual_seed(0)
     model = build_model(config.model)
-    size = model.grid[0] * model.patch_size
-    tokens = CaptionTokenizer(config.model)(["a red square"])
+    batch = synthetic_batch(model, 1)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 3, size, size), tokens)
+        model(batch.images, batch.tokens)
     return counter.get_total_flops(), model
 
 
