@@ -110,11 +110,13 @@ class LossTerms:
     total: torch.Tensor
     contrastive: torch.Tensor
     superpixel_kl: torch.Tensor
-    reconstruction: torch.Tensor
+    reconstruction: torch.Tensor | None  # None: not computed (reconstruction weight 0)
 
     def to_floats(self) -> dict[str, float]:
-        """Detached scalars keyed `loss/<term>`, for logging."""
-        return {f"loss/{name}": value.item() for name, value in vars(self).items()}
+        """Detached scalars keyed `loss/<term>`, for logging; terms not computed are left out."""
+        return {
+            f"loss/{name}": value.item() for name, value in vars(self).items() if value is not None
+        }
 
 
 def segclip_loss(
@@ -122,12 +124,13 @@ def segclip_loss(
 ) -> LossTerms:
     """L = w_con L_con + w_kl L_kl + w_rec L_rec, with each term kept for logging.
 
-    A forward without the masked pass logs its reconstruction term as NaN (not
-    computed, rather than a loss of 0) and needs a reconstruction weight of 0.
+    A forward without the masked pass has no reconstruction term (None, never logged,
+    rather than a loss of 0) and needs a reconstruction weight of 0.
     """
     con = contrastive_loss(outputs.image_features, outputs.text_features, outputs.logit_scale)
     kl = superpixel_kl_loss(outputs.patch_assign, superpixel_ids, config.kl_form)
     total = config.contrastive_weight * con + config.superpixel_kl_weight * kl
+    rec = None
     if outputs.reconstruction is not None:
         rec = reconstruction_loss(outputs.reconstruction, outputs.target, outputs.masked)
         total = total + config.reconstruction_weight * rec
@@ -136,6 +139,4 @@ def segclip_loss(
             "loss.reconstruction_weight is not 0 but the forward skipped the masked pass: "
             "call the model with reconstruct=True"
         )
-    else:
-        rec = torch.full_like(total, float("nan"))
     return LossTerms(total=total, contrastive=con, superpixel_kl=kl, reconstruction=rec)

@@ -79,12 +79,14 @@ class TrainStep:
         self.segclip.clamp_logit_scale()
         if len(history) == 1:
             return history[0]
-        return LossTerms(
-            *(
-                sum(getattr(t, f.name).detach() for t in history) / len(history)
-                for f in fields(LossTerms)
-            )
-        )
+        return LossTerms(*(_mean([getattr(t, f.name) for t in history]) for f in fields(LossTerms)))
+
+
+def _mean(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """A loss term averaged over micro-batches; None where the term was not computed."""
+    if values[0] is None:
+        return None
+    return sum(v.detach() for v in values) / len(values)
 
 
 def build_train_step(

@@ -390,7 +390,8 @@ def test_a_zero_reconstruction_weight_skips_the_masked_pass_and_trains_the_rest(
     step = build_train_step(model, config, total_steps=TOTAL_STEPS)
     terms = step(_batch(config))
     assert decoder_runs == []
-    assert math.isnan(terms.reconstruction.item())  # logged as not computed, not as 0
+    assert terms.reconstruction is None  # not computed, so never logged (not as a loss of 0)
+    assert set(terms.to_floats()) == {"loss/total", "loss/contrastive", "loss/superpixel_kl"}
     weights = config.loss
     expected = weights.contrastive_weight * terms.contrastive + weights.superpixel_kl_weight * (
         terms.superpixel_kl
