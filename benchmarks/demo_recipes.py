@@ -57,6 +57,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(),
+    "with_reconstruction": Recipe(("loss.reconstruction_weight=1",)),  # the demo before issue 17
     "shape_captions": Recipe(colour_share=0.0),
     "colour_half": Recipe(colour_share=0.5),
     "shape_captions_lr2e-3": Recipe(
