@@ -225,16 +225,11 @@ def heldout_choice(runs: list[dict[str, Any]]) -> float:
     return max(THRESHOLDS, key=lambda t: spread([r["heldout_by_threshold"][t] for r in runs]).mean)
 
 
-def mean_std(values: list[float]) -> str:
-    summary = spread(values)
-    return f"{summary.mean:.1f} +- {'-' if summary.std is None else f'{summary.std:.1f}'}"
-
-
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| recipe:steps | seeds | mIoU per seed | mean +- std | pixel acc. | "
+        "| recipe:steps | seeds | mIoU per seed | mean ± std (runs) | pixel acc. | "
         + " | ".join(f"mean at {t}" for t in THRESHOLDS)
-        + " | held-out threshold | mIoU per seed at it | mean +- std at it |",
+        + " | held-out threshold | mIoU per seed at it | mean ± std (runs) at it |",
         "|---|---|---|---|---|" + "---|" * len(THRESHOLDS) + "---|---|---|",
     ]
     for label in dict.fromkeys(r["label"] for r in results):
@@ -246,10 +241,11 @@ def table(results: list[dict[str, Any]]) -> str:
         per_seed = " ".join(f"{r['miou']:.1f}" for r in runs)
         lines.append(
             f"| {label} | {seeds} | {per_seed} | "
-            f"{mean_std([r['miou'] for r in runs])} | "
+            f"{spread([r['miou'] for r in runs]).format()} | "
             f"{spread([r['pixel_accuracy'] for r in runs]).mean:.1f} | "
             + " | ".join(f"{v:.1f}" for v in at)
-            + f" | {chosen} | {' '.join(f'{v:.1f}' for v in at_chosen)} | {mean_std(at_chosen)} |"
+            + f" | {chosen} | {' '.join(f'{v:.1f}' for v in at_chosen)} | "
+            + f"{spread(at_chosen).format()} |"
         )
     return "\n".join(lines)
 
