@@ -91,6 +91,32 @@ def test_paired_crop_keeps_image_and_labels_aligned():
         assert np.abs(pixels[inner] - palette[lab[inner]]).max() <= 3
 
 
+def test_paired_crop_boxes_come_from_the_generator_alone():
+    """The boxes of a generator seed are pinned (a change needs a new SAMPLE_STREAM_VERSION),
+    and the caller's global RNG is left where it was."""
+    from PIL import Image
+
+    from segclip.data.augment import paired_random_resized_crop
+
+    labels = np.arange(50 * 60, dtype=np.int32).reshape(50, 60)  # a pixel's label is its index
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    corners = []
+    for _ in range(3):
+        _, crop_labels = paired_random_resized_crop(
+            Image.new("RGB", (60, 50)),
+            labels,
+            8,
+            scale=(0.3, 1.0),
+            ratio=(3 / 4, 4 / 3),
+            generator=generator,
+        )
+        corners.append((int(crop_labels[0, 0]), int(crop_labels[-1, -1])))
+    assert corners == [(673, 2629), (847, 2675), (250, 2808)]
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_paired_crop_rejects_a_label_map_of_another_size():
     from PIL import Image
 
