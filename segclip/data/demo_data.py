@@ -6,6 +6,8 @@ Scene i of a seed depends only on (seed, i), so any subset can be regenerated
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +41,16 @@ def write_demo_source(folder: str | Path, config: DemoDataConfig) -> Path:
     if captions.is_file():
         return captions
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    files, texts = [], []
-    for index in range(config.train_images):
+    files = [f"images/{index:06d}.png" for index in range(config.train_images)]
+
+    def draw(index: int) -> str:
         scene = demo_scene(config.seed, index, config.image_size)
-        name = f"images/{index:06d}.png"
-        Image.fromarray(scene.image).save(folder / name)
-        files.append(name)
-        texts.append(scene.caption)
+        Image.fromarray(scene.image).save(folder / files[index])
+        return scene.caption
+
+    # Drawing and PNG encoding release the GIL for most of their time: threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        texts = list(pool.map(draw, range(config.train_images)))
     with atomic_write(captions) as tmp:
         pq.write_table(pa.table({"file": files, "caption": texts}), tmp)
     return captions
