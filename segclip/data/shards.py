@@ -28,6 +28,9 @@ from segclip.storage import atomic_write, location
 
 LABEL_MEMBER = "superpixels.png"  # 16-bit grayscale PNG: lossless and compact
 COUNT_MEMBER = "superpixels.cls"
+# One fixed member time: the same input gives the same shard bytes, and tar headers need no
+# per-member pax record for a fractional time (half the training loader's tar parsing).
+MEMBER_MTIME = 0
 MAX_SEGMENTS = np.iinfo(np.uint16).max + 1
 
 
@@ -106,7 +109,7 @@ def superpixel_shard(source: str, target: str | Path | UPath, config: DataConfig
     """
     start = time.perf_counter()
     failed, written = [], 0
-    with atomic_write(target) as tmp, wds.TarWriter(str(tmp)) as sink:
+    with atomic_write(target) as tmp, wds.TarWriter(str(tmp), mtime=MEMBER_MTIME) as sink:
         for sample in samples_in_key_order(source):
             try:
                 extra = _superpixel_members(sample, config)

@@ -1,6 +1,7 @@
 """The webdataset training loader on superpixel shards written by the stage's shard function."""
 
 import io
+import tarfile
 from collections import Counter
 from itertools import islice
 
@@ -155,7 +156,8 @@ def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(s
 
 
 def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config):
-    """img2dataset writes samples as downloads finish; the stage fixes one order."""
+    """img2dataset writes samples as downloads finish; the stage fixes one order, and the
+    same input gives the same bytes."""
     source = tmp_path / "in.tar"
     order = ["00000002", "00000000", "00000003", "00000001"]
     with wds.TarWriter(str(source)) as sink:
@@ -166,6 +168,10 @@ def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config
     report = superpixel_shard(str(source), tmp_path / "out.tar", tiny_config.data)
     written = list(wds.WebDataset(str(tmp_path / "out.tar"), shardshuffle=False))
     assert report.samples == 4
+    superpixel_shard(str(source), tmp_path / "again.tar", tiny_config.data)
+    assert (tmp_path / "again.tar").read_bytes() == (tmp_path / "out.tar").read_bytes()
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        assert not any(member.pax_headers for member in tar.getmembers())
     assert [s["__key__"] for s in written] == sorted(order)
     assert [s["txt"].decode() for s in written] == [f"caption {k}" for k in sorted(order)]
     assert all({"png", "superpixels.png", "superpixels.cls"} <= set(s) for s in written)
