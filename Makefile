@@ -45,7 +45,7 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The whole pipeline on the built-in demo profile (about 8.5 minutes on 2 CPU cores: README).
+# The whole pipeline on the built-in demo profile (about 8 minutes on 2 CPU cores: README).
 demo: $(STAMP)
 	$(BIN)/segclip run --profile demo
 
