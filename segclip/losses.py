@@ -7,11 +7,31 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
 from segclip.config import LossConfig
 from segclip.model.segclip import TrainOutputs
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows in rank order. Each rank's loss uses every rank's rows, so a rank's
+    own rows get the sum over ranks of the gradients of their slice (one all-reduce of the
+    small gathered gradient: gloo and NCCL alike; torch.distributed.nn's all_gather, which
+    did the same, is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        features = features.contiguous()
+        parts = [torch.empty_like(features) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, features)
+        ctx.rows = slice(dist.get_rank() * len(features), (dist.get_rank() + 1) * len(features))
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
 
 
 def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -21,7 +41,7 @@ def gather_with_grad(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features, 0
-    return torch.cat(dist_fn.all_gather(features), dim=0), dist.get_rank()
+    return _GatherRows.apply(features), dist.get_rank()
 
 
 def contrastive_loss(

@@ -1,6 +1,7 @@
 """The gathered contrastive loss on two real gloo ranks (torch.distributed, no mocks)."""
 
 import socket
+import warnings
 
 import pytest
 import torch
@@ -36,8 +37,10 @@ def _rank_main(rank: int, world: int, port: int, results: dict) -> None:
         rows = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         ours_i, ours_t = image[rows].clone().requires_grad_(), text[rows].clone().requires_grad_()
         ref_i, ref_t = image[rows].clone().requires_grad_(), text[rows].clone().requires_grad_()
-        ours = contrastive_loss(ours_i, ours_t, torch.tensor(SCALE))
-        ours.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = contrastive_loss(ours_i, ours_t, torch.tensor(SCALE))
+            ours.backward()
         reference = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
             ref_i, ref_t, torch.tensor(SCALE)
         )
@@ -49,6 +52,7 @@ def _rank_main(rank: int, world: int, port: int, results: dict) -> None:
             ref_i.grad,
             ours_t.grad,
             ref_t.grad,
+            [str(warning.message) for warning in caught],
         )
     finally:
         dist.destroy_process_group()
@@ -73,7 +77,8 @@ def test_two_ranks_match_open_clip_and_the_single_process_loss():
     results = _run_two_ranks(_rank_main)
     image, text = _features()
     single = contrastive_loss(image, text, torch.tensor(SCALE)).item()
-    for ours, reference, gi, ref_gi, gt, ref_gt in results.values():
+    for ours, reference, gi, ref_gi, gt, ref_gt, warned in results.values():
+        assert warned == []  # no deprecated collective
         assert ours == pytest.approx(reference, rel=1e-6)
         torch.testing.assert_close(gi, ref_gi)
         torch.testing.assert_close(gt, ref_gt)
