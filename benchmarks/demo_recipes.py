@@ -5,14 +5,16 @@ Issue 18 asks for a demo recipe whose three seeds agree within 3 mIoU points. Ea
 (recipe, seed) run trains in a process of its own with the library alone (no Ray, MLflow
 or Prefect: the same TrainStep, loader and Segmenter the stages use), on the superpixel
 shards and benchmark of a finished `make demo`, so a machine with many cores and a GPU
-runs several at once. One process trains with the whole global batch (the demo's two
-Ray Train ranks each take half of it), so a seed here draws other crops than the same
-seed in `segclip run`, and GPU kernels are not bit-reproducible: read the spread, not
-one seed's number. Each run is also scored on held-out scenes (a third scene seed, never
+runs several at once. By default one process trains with the whole global batch, so a
+seed here draws other samples and crops than the same seed in `segclip run`; `--ranks 2
+--loader-workers 1 --device cpu` trains on two gloo ranks seeded and fed as the demo's
+two Ray Train workers are, and on one machine gives `make demo`'s model bit for bit. GPU
+kernels are not bit-reproducible: read the spread, not one seed's number. Each run is also scored on held-out scenes (a third scene seed, never
 the benchmark's), and the threshold best there is the one a recipe change may adopt.
 
     python benchmarks/demo_recipes.py --recipes demo:500 shape_captions:800 --seeds 0 1 2
     python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo:1200
+    python benchmarks/demo_recipes.py --ranks 2 --loader-workers 1 --device cpu
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import random
 import re
 import shlex
+import socket
 import sys
 import tarfile
 import tempfile
@@ -73,7 +76,7 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Job:
     label: str  # recipe:steps
     recipe: Recipe
@@ -84,7 +87,9 @@ class Job:
     benchmark: str
     heldout: str  # scenes of neither the training nor the benchmark seed
     device: str
-    threads: int
+    threads: int  # torch threads per rank
+    ranks: int  # 1: one process with the whole global batch
+    loader_workers: int  # per rank
 
 
 def parse_recipe(text: str) -> tuple[str, Recipe, int]:
@@ -125,39 +130,108 @@ def rewrite_captions(shards: list[str], colour_share: float, folder: Path) -> li
     return copies
 
 
-def train_and_score(job: Job) -> dict[str, Any]:
-    """One run: train the recipe for its steps, score the demo benchmark at each threshold."""
-    import torch
-
+def job_config(job: Job, ranks: int):
     from segclip.config import load_config
-    from segclip.data.loader import training_loader
-    from segclip.device import resolve_device
-    from segclip.eval.protocol import PROTOCOLS
-    from segclip.model import build_model
-    from segclip.train import build_train_step
-    from segclip.train.plan import plan_training
 
-    start = time.perf_counter()
-    torch.set_num_threads(job.threads)
-    device = resolve_device(job.device)
     overrides = [
         *job.recipe.overrides,
         f"train.steps={job.steps}",
         f"train.seed={job.seed}",
-        "runtime.train_workers=1",
+        f"runtime.train_workers={ranks}",
     ]
-    config = load_config("demo", overrides)
+    return load_config("demo", overrides)
+
+
+def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
+    """Train as the training stage's worker of this rank does (seeding, DDP, loader), without
+    Ray; the model and this rank's contrastive losses. More than one rank needs a gloo group."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from segclip.data.loader import training_loader
+    from segclip.device import resolve_device
+    from segclip.model import build_model
+    from segclip.train import build_train_step
+    from segclip.train.plan import plan_training
+
+    torch.set_num_threads(job.threads)
+    device = resolve_device(job.device)
+    config = job_config(job, job.ranks)
     plan = plan_training(config, job.samples)
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
     model = build_model(config.model).to(device)
-    step_fn = build_train_step(model, config, total_steps=plan.total_steps, device_type=device.type)
-    loader = training_loader(list(job.shards), config, plan.worker_batch, num_workers=2)
+    step_fn = build_train_step(
+        model,
+        config,
+        total_steps=plan.total_steps,
+        device_type=device.type,
+        wrap=DistributedDataParallel if dist.is_initialized() else None,
+    )
+    loader = training_loader(
+        list(job.shards),
+        config,
+        plan.worker_batch,
+        rank=rank,
+        world_size=job.ranks,
+        num_workers=job.loader_workers,
+    )
     batches, contrastive = iter(loader), []
     for _ in range(plan.total_steps):
         terms = step_fn(next(batches).to(device), plan.micro_batches)
         contrastive.append(terms.contrastive.item())
+    return model, contrastive
+
+
+def _gloo_rank(rank: int, job: Job, port: int, folder: str) -> None:
+    """One of `job.ranks` processes; rank 0 leaves the weights and its losses in `folder`."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=job.ranks
+    )
+    try:
+        model, contrastive = train_rank(rank, job)
+        if rank == 0:
+            torch.save((model.state_dict(), contrastive), Path(folder) / "rank0.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def train(job: Job) -> tuple[Any, list[float]]:
+    """The trained model and rank 0's contrastive losses, in this process or on gloo ranks."""
+    if job.ranks == 1:
+        return train_rank(0, job)
+    import torch
+    import torch.multiprocessing
+
+    from segclip.model import build_model
+
+    with socket.socket() as probe, tempfile.TemporaryDirectory() as folder:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        torch.multiprocessing.start_processes(
+            _gloo_rank, args=(job, port, folder), nprocs=job.ranks, start_method="spawn"
+        )
+        state, contrastive = torch.load(Path(folder) / "rank0.pt")
+    model = build_model(job_config(job, job.ranks).model)
+    model.load_state_dict(state)
+    return model, contrastive
+
+
+def train_and_score(job: Job) -> dict[str, Any]:
+    """One run: train the recipe for its steps, score the demo benchmark at each threshold."""
+    from segclip.device import resolve_device
+    from segclip.eval.protocol import PROTOCOLS
+
+    start = time.perf_counter()
+    model, contrastive = train(job)
     trained = time.perf_counter() - start
 
+    device = resolve_device(job.device)
+    model = model.to(device)
     protocol = PROTOCOLS["segclip_learned_scale"]
     matrices = threshold_matrices(model, protocol, job.benchmark, device)
     heldout = threshold_matrices(model, protocol, job.heldout, device)
@@ -257,7 +331,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--ranks", type=int, default=1, help="gloo ranks per run, as Ray Train workers (CPU)"
+    )
+    parser.add_argument("--loader-workers", type=int, default=2, help="loader processes per rank")
     args = parser.parse_args()
+    if args.ranks > 1 and args.device != "cpu":
+        parser.error("--ranks above 1 trains on gloo ranks: add --device cpu")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
     shards, benchmark = demo_inputs()
     with tempfile.TemporaryDirectory() as scratch:
@@ -271,16 +351,18 @@ def main() -> None:
                 folder.mkdir()
                 used = rewrite_captions(used, recipe.colour_share, folder)
             job = Job(
-                f"{name}:{steps}",
-                recipe,
-                steps,
-                0,
-                tuple(used),
-                samples,
-                benchmark,
-                heldout,
-                args.device,
-                threads,
+                label=f"{name}:{steps}",
+                recipe=recipe,
+                steps=steps,
+                seed=0,
+                shards=tuple(used),
+                samples=samples,
+                benchmark=benchmark,
+                heldout=heldout,
+                device=args.device,
+                threads=max(1, threads // args.ranks),
+                ranks=args.ranks,
+                loader_workers=args.loader_workers,
             )
             jobs += [replace(job, seed=seed) for seed in args.seeds]
         context = get_context("spawn")
