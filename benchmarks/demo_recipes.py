@@ -9,8 +9,9 @@ runs several at once. By default one process trains with the whole global batch,
 seed here draws other samples and crops than the same seed in `segclip run`; `--ranks 2
 --loader-workers 1 --device cpu` trains on two gloo ranks seeded and fed as the demo's
 two Ray Train workers are, and on one machine gives `make demo`'s model bit for bit. GPU
-kernels are not bit-reproducible: read the spread, not one seed's number. Each run is also scored on held-out scenes (a third scene seed, never
-the benchmark's), and the threshold best there is the one a recipe change may adopt.
+kernels are not bit-reproducible: read the spread, not one seed's number. Each run is also
+scored on held-out scenes (a third scene seed, never the benchmark's), and the threshold
+best there is the one a recipe change may adopt.
 
     python benchmarks/demo_recipes.py --recipes demo:500 shape_captions:800 --seeds 0 1 2
     python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo:1200
@@ -61,6 +62,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(),
     "with_reconstruction": Recipe(("loss.reconstruction_weight=1",)),  # the demo before issue 17
+    "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
     "shape_captions": Recipe(colour_share=0.0),
     "colour_half": Recipe(colour_share=0.5),
     "shape_captions_lr2e-3": Recipe(
@@ -90,6 +92,7 @@ class Job:
     threads: int  # torch threads per rank
     ranks: int  # 1: one process with the whole global batch
     loader_workers: int  # per rank
+    keep: str | None  # a folder for each run's checkpoint (demo_diagnosis.py reads them)
 
 
 def parse_recipe(text: str) -> tuple[str, Recipe, int]:
@@ -225,10 +228,14 @@ def train_and_score(job: Job) -> dict[str, Any]:
     """One run: train the recipe for its steps, score the demo benchmark at each threshold."""
     from segclip.device import resolve_device
     from segclip.eval.protocol import PROTOCOLS
+    from segclip.model import save_checkpoint
 
     start = time.perf_counter()
     model, contrastive = train(job)
     trained = time.perf_counter() - start
+    if job.keep:
+        name = f"{job.label.replace(':', '_')}_seed{job.seed}.safetensors"
+        save_checkpoint(model, Path(job.keep) / name)
 
     device = resolve_device(job.device)
     model = model.to(device)
@@ -335,6 +342,7 @@ def main() -> None:
         "--ranks", type=int, default=1, help="gloo ranks per run, as Ray Train workers (CPU)"
     )
     parser.add_argument("--loader-workers", type=int, default=2, help="loader processes per rank")
+    parser.add_argument("--keep", default=None, help="a folder to save each run's model in")
     args = parser.parse_args()
     if args.ranks > 1 and args.device != "cpu":
         parser.error("--ranks above 1 trains on gloo ranks: add --device cpu")
@@ -363,6 +371,7 @@ def main() -> None:
                 threads=max(1, threads // args.ranks),
                 ranks=args.ranks,
                 loader_workers=args.loader_workers,
+                keep=args.keep,
             )
             jobs += [replace(job, seed=seed) for seed in args.seeds]
         context = get_context("spawn")

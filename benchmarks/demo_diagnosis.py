@@ -1,0 +1,102 @@
+"""Where a demo model loses mIoU: naming whole images, grouping pixels, naming centers.
+
+Issue 18 asks why the demo's result swings with the seed. For each SegCLIP checkpoint
+(`make demo`'s `train/*/final/model.safetensors`, or the runs `demo_recipes.py --keep`
+saved), on the demo benchmark under the `segclip_learned_scale` protocol:
+- prior recall: the share of objects whose class is among the image embedding's top
+  classes (as many as the image has objects);
+- grouping oracle mIoU: every center labelled with the majority class of its pixels (the
+  background included), which scores the grouping alone;
+- center naming: the share of centers over an object whose best class is that object's.
+
+    python benchmarks/demo_diagnosis.py workdir/demo/train/*/final/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from demo_recipes import demo_inputs
+
+import segclip  # noqa: F401  (torchvision fix before open_clip)
+
+
+@dataclass
+class Tally:
+    objects: int = 0
+    objects_in_prior: int = 0
+    object_centers: int = 0
+    centers_named: int = 0
+
+
+def diagnose(path: str, benchmark: str) -> dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    from segclip.data.transforms import normalize_images
+    from segclip.data.voc import IGNORE_INDEX
+    from segclip.eval.datasets import get_benchmark, read_samples
+    from segclip.eval.metrics import ConfusionMatrix
+    from segclip.eval.protocol import PROTOCOLS
+    from segclip.eval.segment import class_text_embeddings, resize_short_side
+    from segclip.model.checkpoint import load_checkpoint
+    from segclip.model.segclip import VisionMode
+    from segclip.storage import location
+
+    model = load_checkpoint(path).eval()
+    spec, protocol = get_benchmark("demo"), PROTOCOLS["segclip_learned_scale"]
+    classes = len(spec.class_names)
+    text = class_text_embeddings(model, spec.text_classes, protocol.templates)
+    oracle, tally = ConfusionMatrix(classes), Tally()
+    with torch.inference_mode():
+        for sample in read_samples(spec, location(benchmark)):
+            image = resize_short_side(normalize_images(sample.image[None])[0], protocol.short_side)
+            encoding = model.encode_image(image[None], VisionMode.INFER)
+            soft = encoding.soft_assign.float().reshape(1, -1, *encoding.grid)
+            soft = F.interpolate(soft, sample.label.shape, mode="bilinear", align_corners=False)
+            centers = soft.argmax(dim=1)[0].numpy()
+            present = set(np.unique(sample.label).tolist()) - {0, IGNORE_INDEX}
+            prior = F.normalize(encoding.embedding[0].float(), dim=-1) @ text.T
+            top = prior.topk(len(present)).indices + 1 if present else prior[:0]
+            tally.objects += len(present)
+            tally.objects_in_prior += len(present & set(top.tolist()))
+            named = (F.normalize(encoding.center_embeddings[0].float(), dim=-1) @ text.T).argmax(1)
+            grouped = np.zeros_like(sample.label)
+            for center in np.unique(centers):
+                pixels = sample.label[centers == center]
+                pixels = pixels[pixels < classes]
+                if not len(pixels):
+                    continue
+                majority = np.bincount(pixels, minlength=classes).argmax()
+                grouped[centers == center] = majority
+                if majority:
+                    tally.object_centers += 1
+                    tally.centers_named += int(named[center].item() + 1 == majority)
+            oracle.update(grouped, sample.label)
+    return {
+        "prior recall": 100 * tally.objects_in_prior / tally.objects,
+        "grouping oracle mIoU": 100 * oracle.mean_iou(),
+        "center naming": 100 * tally.centers_named / tally.object_centers,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", help="SegCLIP .safetensors checkpoints")
+    args = parser.parse_args()
+    _, benchmark = demo_inputs()
+    rows = {path: diagnose(path, benchmark) for path in args.checkpoints}
+    columns = list(next(iter(rows.values())))
+    print("| checkpoint | " + " | ".join(f"{c} (%)" for c in columns) + " |")
+    print("|---|" + "---|" * len(columns))
+    for path, row in rows.items():
+        print(f"| {path} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
+    print(f"\ncommand: python benchmarks/demo_diagnosis.py {shlex.join(sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()
