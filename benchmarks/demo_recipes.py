@@ -133,14 +133,14 @@ def rewrite_captions(shards: list[str], colour_share: float, folder: Path) -> li
     return copies
 
 
-def job_config(job: Job, ranks: int):
+def job_config(job: Job):
     from segclip.config import load_config
 
     overrides = [
         *job.recipe.overrides,
         f"train.steps={job.steps}",
         f"train.seed={job.seed}",
-        f"runtime.train_workers={ranks}",
+        f"runtime.train_workers={job.ranks}",
     ]
     return load_config("demo", overrides)
 
@@ -160,7 +160,7 @@ def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
 
     torch.set_num_threads(job.threads)
     device = resolve_device(job.device)
-    config = job_config(job, job.ranks)
+    config = job_config(job)
     plan = plan_training(config, job.samples)
     torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
     model = build_model(config.model).to(device)
@@ -202,6 +202,12 @@ def _gloo_rank(rank: int, job: Job, port: int, folder: str) -> None:
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def train(job: Job) -> tuple[Any, list[float]]:
     """The trained model and rank 0's contrastive losses, in this process or on gloo ranks."""
     if job.ranks == 1:
@@ -211,15 +217,12 @@ def train(job: Job) -> tuple[Any, list[float]]:
 
     from segclip.model import build_model
 
-    with socket.socket() as probe, tempfile.TemporaryDirectory() as folder:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-        probe.close()
+    with tempfile.TemporaryDirectory() as folder:
         torch.multiprocessing.start_processes(
-            _gloo_rank, args=(job, port, folder), nprocs=job.ranks, start_method="spawn"
+            _gloo_rank, args=(job, _free_port(), folder), nprocs=job.ranks, start_method="spawn"
         )
         state, contrastive = torch.load(Path(folder) / "rank0.pt")
-    model = build_model(job_config(job, job.ranks).model)
+    model = build_model(job_config(job).model)
     model.load_state_dict(state)
     return model, contrastive
 
