@@ -63,6 +63,7 @@ RECIPES: dict[str, Recipe] = {
     "demo": Recipe(),
     "with_reconstruction": Recipe(("loss.reconstruction_weight=1",)),  # the demo before issue 17
     "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
+    "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
     "shape_captions": Recipe(colour_share=0.0),
     "colour_half": Recipe(colour_share=0.5),
     "shape_captions_lr2e-3": Recipe(
