@@ -67,12 +67,13 @@ def diagnose(path: str, benchmark: str) -> dict[str, float]:
             named = (F.normalize(encoding.center_embeddings[0].float(), dim=-1) @ text.T).argmax(1)
             grouped = np.zeros_like(sample.label)
             for center in np.unique(centers):
-                pixels = sample.label[centers == center]
+                region = centers == center
+                pixels = sample.label[region]
                 pixels = pixels[pixels < classes]
                 if not len(pixels):
                     continue
                 majority = np.bincount(pixels, minlength=classes).argmax()
-                grouped[centers == center] = majority
+                grouped[region] = majority
                 if majority:
                     tally.object_centers += 1
                     tally.centers_named += int(named[center].item() + 1 == majority)
