@@ -57,6 +57,11 @@ class Recipe:
     overrides: tuple[str, ...] = ()
     colour_share: float = 1.0
     shards: int | None = None  # the first N superpixel shards only
+    background_named: bool = False  # every caption ends "on a pattern"
+
+    @property
+    def rewrites_captions(self) -> bool:
+        return self.colour_share < 1 or self.background_named
 
 
 RECIPES: dict[str, Recipe] = {
@@ -64,6 +69,8 @@ RECIPES: dict[str, Recipe] = {
     "with_reconstruction": Recipe(("loss.reconstruction_weight=1",)),  # the demo before issue 17
     "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
     "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
+    "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
+    "background_named": Recipe(background_named=True),
     "shape_captions": Recipe(colour_share=0.0),
     "colour_half": Recipe(colour_share=0.5),
     "shape_captions_lr2e-3": Recipe(
@@ -103,23 +110,29 @@ def parse_recipe(text: str) -> tuple[str, Recipe, int]:
     return name, RECIPES[name], int(steps or 1200)
 
 
-def mention_rewriter(colour_share: float):
+def caption_rewriter(recipe: Recipe):
     """Caption -> the same caption with each "a <colour> <shape>" kept with probability
-    `colour_share`, else "a <shape>"; drawn from the sample key, so fixed per image."""
+    `recipe.colour_share`, else "a <shape>" (drawn from the sample key, so fixed per image),
+    and with "on a pattern" added where the recipe names the background and it is missing."""
     mention = re.compile(rf"\ba ({'|'.join(COLOURS)}) ({'|'.join(CATEGORIES)})\b")
 
     def rewrite(key: str, caption: str) -> str:
         rng = random.Random(zlib.crc32(key.encode()))
-        return mention.sub(
-            lambda m: m.group(0) if rng.random() < colour_share else f"a {m.group(2)}", caption
+        caption = mention.sub(
+            lambda m: m.group(0) if rng.random() < recipe.colour_share else f"a {m.group(2)}",
+            caption,
         )
+        if recipe.background_named and "on a pattern" not in caption:
+            stop = caption.endswith(".")
+            caption = caption.rstrip(".") + " on a pattern" + ("." if stop else "")
+        return caption
 
     return rewrite
 
 
-def rewrite_captions(shards: list[str], colour_share: float, folder: Path) -> list[str]:
+def rewrite_captions(shards: list[str], recipe: Recipe, folder: Path) -> list[str]:
     """Copies of the shards with rewritten captions (images and superpixels unchanged)."""
-    rewrite, copies = mention_rewriter(colour_share), []
+    rewrite, copies = caption_rewriter(recipe), []
     for shard in shards:
         target = folder / Path(shard).name
         with tarfile.open(shard) as source, tarfile.open(target, "w") as out:
@@ -358,10 +371,10 @@ def main() -> None:
             name, recipe, steps = parse_recipe(text)
             used = [url for url, _ in shards[: recipe.shards]]
             samples = sum(count for _, count in shards[: recipe.shards])
-            if recipe.colour_share < 1:
+            if recipe.rewrites_captions:
                 folder = Path(scratch) / text.replace(":", "_")
                 folder.mkdir()
-                used = rewrite_captions(used, recipe.colour_share, folder)
+                used = rewrite_captions(used, recipe, folder)
             job = Job(
                 label=f"{name}:{steps}",
                 recipe=recipe,
