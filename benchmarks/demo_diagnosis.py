@@ -46,7 +46,7 @@ def diagnose(path: str, benchmark: str) -> dict[str, str]:
     from segclip.eval.datasets import get_benchmark, read_samples
     from segclip.eval.metrics import ConfusionMatrix
     from segclip.eval.protocol import PROTOCOLS
-    from segclip.eval.segment import Segmenter, class_text_embeddings, resize_short_side
+    from segclip.eval.segment import Segmenter, resize_short_side
     from segclip.model.checkpoint import load_checkpoint
     from segclip.model.segclip import VisionMode
     from segclip.storage import location
@@ -54,9 +54,9 @@ def diagnose(path: str, benchmark: str) -> dict[str, str]:
     model = load_checkpoint(path).eval()
     spec, protocol = get_benchmark("demo"), PROTOCOLS["segclip_learned_scale"]
     classes = len(spec.class_names)
-    text = class_text_embeddings(model, spec.text_classes, protocol.templates)
     threshold = protocol.background_thresholds["demo"]
     segmenter = Segmenter(model, spec.text_classes, protocol, threshold)
+    text = segmenter.text  # the class prompts' embeddings, as the protocol makes them
     oracle, scored, tally = ConfusionMatrix(classes), ConfusionMatrix(classes), Tally()
     with torch.inference_mode():
         for sample in read_samples(spec, location(benchmark)):
