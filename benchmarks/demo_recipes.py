@@ -71,6 +71,8 @@ RECIPES: dict[str, Recipe] = {
     "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
     "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
     "background_named": Recipe(background_named=True),
+    "lr_2e-3": Recipe(("train.lr_new=2e-3", "train.lr_pretrained=2e-3")),
+    "lr_5e-4": Recipe(("train.lr_new=5e-4", "train.lr_pretrained=5e-4")),
     "shape_captions": Recipe(colour_share=0.0),
     "colour_half": Recipe(colour_share=0.5),
     "shape_captions_lr2e-3": Recipe(
