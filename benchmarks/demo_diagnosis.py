@@ -3,14 +3,14 @@
 Issue 18 asks why the demo's result swings with the seed. For each SegCLIP checkpoint
 (`make demo`'s `train/*/final/model.safetensors`, or the runs `demo_recipes.py --keep`
 saved), on the demo benchmark under the `segclip_learned_scale` protocol:
+- mIoU at the protocol's threshold, and the class that loses most of its pixels to the
+  background there (a low model often loses one whole class although its centers are
+  named right: their class probability stays under the threshold);
 - prior recall: the share of objects whose class is among the image embedding's top
   classes (as many as the image has objects);
 - grouping oracle mIoU: every center labelled with the majority class of its pixels (the
   background included), which scores the grouping alone;
 - center naming: the share of centers over an object whose best class is that object's.
-- mIoU at the protocol's threshold, and the class that loses most of its pixels to the
-  background there (a low model often loses one whole class although its centers are
-  named right: their class probability stays under the threshold).
 
     python benchmarks/demo_diagnosis.py workdir/demo/train/*/final/model.safetensors
 """

@@ -50,14 +50,15 @@ HELDOUT_IMAGES = 200
 
 @dataclass(frozen=True)
 class Recipe:
-    """Overrides of the demo profile, plus the share of the captions' coloured mentions that
-    keep their colour word ("a red circle"; the rest read "a circle"). Since scenes version
-    3 the captions name the colour in half the mentions, so 0.5 leaves a quarter."""
+    """Overrides of the demo profile, plus caption rewrites: the share of the captions'
+    coloured mentions that keep their colour word ("a red circle"; the rest read "a
+    circle"; since scenes version 3 the captions name the colour in half the mentions, so
+    0.5 leaves a quarter) and whether every caption names the background."""
 
     overrides: tuple[str, ...] = ()
     colour_share: float = 1.0
     shards: int | None = None  # the first N superpixel shards only
-    background_named: bool = False  # every caption ends "on a pattern"
+    background_named: bool = False  # "on a pattern" ends every caption that lacks it
 
     @property
     def rewrites_captions(self) -> bool:
