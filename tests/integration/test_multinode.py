@@ -2,9 +2,10 @@
 its workdir on an S3-compatible store and its tracking on an MLflow server, driven from
 the head host with RAY_ADDRESS: no shared folder, no code change.
 
-Both hosts do the work of superpixels, training (2 Ray Train workers) and evaluation (2
-actors); the results equal a one-host run of the same config; a training run that loses
-its worker host part-way continues from its last checkpoint on a replacement host.
+Both hosts do the work of training (2 Ray Train workers) and evaluation (2 actors);
+superpixel tasks run on whichever host is free, the worker host too; the results equal a
+one-host run of the same config; a training run that loses its worker host part-way
+continues from its last checkpoint on a replacement host.
 """
 
 from __future__ import annotations
@@ -92,8 +93,11 @@ def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster, two_host_
     folders = two_host_run
     nodes = cluster_nodes(cluster)
     assert len(nodes) == 2
-    for stage in ("superpixels", "train", "evaluate"):
+    for stage in ("train", "evaluate"):  # a placement group and an actor pool span both
         assert set(load_result(folders[stage]).manifest.nodes) == nodes, stage
+    # Ray Data spreads short superpixel tasks best-effort: a host still starting its Ray
+    # worker may get none (the next test sends them all to the worker host).
+    assert set(load_result(folders["superpixels"]).manifest.nodes) <= nodes
 
     # One host: a local Ray on this machine (same CPUs per worker, one torch thread each).
     one_host = {**os.environ, **cluster.servers}
@@ -123,6 +127,61 @@ def test_both_hosts_work_and_the_results_equal_a_one_host_run(cluster, two_host_
     )
     assert [m.step for m in losses] == [1, 2, 3]
     assert trained.manifest.counts["world_size"] == 2
+
+
+HOLD_CPU = """
+import time
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+
+@ray.remote(num_cpus=1)
+class Holder:
+    def ready(self):
+        return True
+
+
+ray.init(logging_level="ERROR")
+here = ray.get_runtime_context().get_node_id()
+pinned = NodeAffinitySchedulingStrategy(here, soft=False)
+holder = Holder.options(scheduling_strategy=pinned).remote()
+ray.get(holder.ready.remote(), timeout=120)
+print(here, flush=True)
+time.sleep(600)
+"""  # a driver on the head host whose actor holds the head's one CPU until it is killed
+
+
+def test_superpixel_tasks_run_on_the_worker_host_through_the_store(cluster, two_host_run):
+    """With the head's CPU taken, every superpixel task runs on the worker host, which has
+    no folder of the driver's: it reads the ingest shards from the store and writes there."""
+    holder = cluster.popen_on(cluster.head, [*SEGCLIP[:1], "-c", HOLD_CPU])
+    try:
+        head = holder.stdout.readline().strip()
+        assert head in cluster_nodes(cluster), head
+        spread = cluster.run_on(
+            cluster.head,
+            [
+                *SEGCLIP,
+                "superpixels",
+                "--profile",
+                "tiny",
+                *RUN,
+                f"runtime.workdir={TWO_HOSTS}",  # the first run's ingest shards
+                "data.felzenszwalb_scale=100",  # a new superpixel key: the stage runs again
+            ],
+            timeout=300,
+        )
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
+    folder = re.search(rf"({TWO_HOSTS}/superpixels/\S+)", spread.stdout)
+    assert folder, spread.stdout[-3000:]
+    worker_only = load_result(folder.group(1)).manifest
+    assert set(worker_only.nodes) == cluster_nodes(cluster) - {head}
+    first = load_result(two_host_run["superpixels"]).manifest
+    assert worker_only.counts["samples"] == first.counts["samples"] > 0
+    assert worker_only.counts["shards_run"] == worker_only.counts["shards"] == 6
 
 
 def test_losing_the_worker_host_mid_training_resumes_from_the_last_checkpoint(
