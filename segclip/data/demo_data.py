@@ -34,6 +34,14 @@ def demo_scene(seed: int, index: int, size: int) -> Scene:
     return render_scene(np.random.default_rng([seed, index]), size)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
 def write_demo_source(folder: str | Path, config: DemoDataConfig) -> Path:
     """Training scenes as PNG files plus a parquet list of (file, caption); skip if complete."""
     folder = Path(folder)
@@ -49,7 +57,7 @@ def write_demo_source(folder: str | Path, config: DemoDataConfig) -> Path:
         return scene.caption
 
     # Drawing and PNG encoding release the GIL for most of their time: threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         texts = list(pool.map(draw, range(config.train_images)))
     with atomic_write(captions) as tmp:
         pq.write_table(pa.table({"file": files, "caption": texts}), tmp)

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -7,6 +9,7 @@ from segclip.config import DemoDataConfig
 from segclip.data.demo_data import (
     DEMO_CLASS_NAMES,
     demo_scene,
+    usable_cpus,
     write_demo_benchmark,
     write_demo_source,
 )
@@ -68,3 +71,14 @@ def test_demo_source_lists_each_scene_with_its_caption(tmp_path):
 def test_demo_config_rejects_a_benchmark_that_repeats_the_training_seed():
     with pytest.raises(ValueError, match="must not repeat the training scenes"):
         DemoDataConfig(seed=2, benchmark_seed=2)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux affinity call")
+def test_usable_cpus_follow_the_process_affinity_not_the_machine():
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert usable_cpus() == len(allowed)
