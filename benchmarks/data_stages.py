@@ -25,7 +25,7 @@ import torch
 
 import segclip  # noqa: F401  (torchvision fix before open_clip)
 from segclip.config import DemoDataConfig, load_config
-from segclip.data.demo_data import write_demo_source
+from segclip.data.demo_data import usable_cpus, write_demo_source
 from segclip.data.loader import training_loader
 from segclip.data.serve import serve_directory
 from segclip.data.shards import superpixel_shard
@@ -143,7 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--shard-size", type=int, default=100)
-    parser.add_argument("--processes", type=int, default=os.cpu_count())
+    parser.add_argument("--processes", type=int, default=usable_cpus())
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="ingest runs per side (best)")
     parser.add_argument("--loader-profiles", nargs="*", default=["tiny", "paper"])

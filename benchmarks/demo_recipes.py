@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import random
 import re
 import shlex
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import segclip  # noqa: F401  (torchvision fix before open_clip)
+from segclip.data.demo_data import usable_cpus
 from segclip.data.scenes import CATEGORIES, COLOURS
 from segclip.manifest import load_result
 from segclip.sweep import spread
@@ -366,7 +366,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.ranks > 1 and args.device != "cpu":
         parser.error("--ranks above 1 trains on gloo ranks: add --device cpu")
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.processes)
+    threads = args.threads or max(1, usable_cpus() // args.processes)
     shards, benchmark = demo_inputs()
     with tempfile.TemporaryDirectory() as scratch:
         heldout, jobs = write_heldout(Path(scratch) / "heldout"), []

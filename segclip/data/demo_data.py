@@ -56,7 +56,7 @@ def write_demo_source(folder: str | Path, config: DemoDataConfig) -> Path:
         Image.fromarray(scene.image).save(folder / files[index])
         return scene.caption
 
-    # Drawing and PNG encoding release the GIL for most of their time: threads use every core.
+    # Drawing and PNG encoding release the GIL for most of their time: threads use every CPU.
     with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         texts = list(pool.map(draw, range(config.train_images)))
     with atomic_write(captions) as tmp:
