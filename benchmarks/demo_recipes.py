@@ -39,13 +39,14 @@ from typing import Any
 
 import segclip  # noqa: F401  (torchvision fix before open_clip)
 from segclip.data.demo_data import usable_cpus
-from segclip.data.scenes import CATEGORIES, COLOURS
+from segclip.data.scenes import CAPTION_FRAMES, CATEGORIES, COLOURS
 from segclip.manifest import load_result
 from segclip.sweep import spread
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.995, 0.998)
 DEMO_WORKDIR = Path("workdir/demo")
 HELDOUT_IMAGES = 200
+BACKGROUND_PHRASE = CAPTION_FRAMES[-1].format("").strip()  # the scenes' own "on a pattern"
 
 
 @dataclass(frozen=True)
@@ -125,9 +126,9 @@ def caption_rewriter(recipe: Recipe):
             lambda m: m.group(0) if rng.random() < recipe.colour_share else f"a {m.group(2)}",
             caption,
         )
-        if recipe.background_named and "on a pattern" not in caption:
+        if recipe.background_named and BACKGROUND_PHRASE not in caption:
             stop = caption.endswith(".")
-            caption = caption.rstrip(".") + " on a pattern" + ("." if stop else "")
+            caption = f"{caption.rstrip('.')} {BACKGROUND_PHRASE}" + ("." if stop else "")
         return caption
 
     return rewrite
