@@ -43,10 +43,13 @@ from segclip.data.scenes import CAPTION_FRAMES, CATEGORIES, COLOURS
 from segclip.manifest import load_result
 from segclip.sweep import spread
 
-THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.99, 0.995, 0.998)
+THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
 DEMO_WORKDIR = Path("workdir/demo")
 HELDOUT_IMAGES = 200
 BACKGROUND_PHRASE = CAPTION_FRAMES[-1].format("").strip()  # the scenes' own "on a pattern"
+
+
+CAPTION_WORDS = ("loss.caption_word_weight=1", f"loss.caption_words=[{','.join(CATEGORIES)}]")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ RECIPES: dict[str, Recipe] = {
     "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
     "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
     "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
+    # the demo's shape words as caption words (docs/method.md section 3), 2026-11-27 (README)
+    "caption_words": Recipe(CAPTION_WORDS),
+    "caption_words_16": Recipe((*CAPTION_WORDS, "model.num_centers=16")),
     "background_named": Recipe(background_named=True),
     "lr_2e-3": Recipe(("train.lr_new=2e-3", "train.lr_pretrained=2e-3")),
     "lr_5e-4": Recipe(("train.lr_new=5e-4", "train.lr_pretrained=5e-4")),

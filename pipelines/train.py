@@ -44,6 +44,8 @@ def settings(config: SegCLIPConfig) -> dict[str, Any]:
         section: getattr(config, section).model_dump(mode="json")
         for section in ("model", "loss", "data", "train")
     }
+    if not config.loss.caption_word_weight:  # off, its words change nothing: keys stay as before
+        keyed["loss"] = {k: v for k, v in keyed["loss"].items() if not k.startswith("caption_word")}
     keyed["runtime"] = config.runtime.model_dump(mode="json", include=set(TRAIN_KEY_RUNTIME))
     keyed["sample_stream_version"] = SAMPLE_STREAM_VERSION
     return keyed

@@ -99,6 +99,25 @@ class LossConfig(_Section):
     superpixel_kl_weight: float = Field(1.0, ge=0)
     reconstruction_weight: float = Field(1.0, ge=0)
     kl_form: KlForm = "reference"
+    # Not in the method: single centers must rank the words their caption names first
+    # (segclip/caption_words.py). Off by default; a weight needs a vocabulary.
+    caption_word_weight: float = Field(0.0, ge=0)
+    caption_words: tuple[str, ...] = ()
+    caption_word_template: str = "a photo of a {}."
+
+    @model_validator(mode="after")
+    def _check_caption_words(self) -> LossConfig:
+        if self.caption_word_weight and not self.caption_words:
+            raise ValueError(
+                "loss.caption_word_weight is set but loss.caption_words is empty: list the "
+                "words the captions name objects with, or set the weight to 0"
+            )
+        if "{}" not in self.caption_word_template:
+            raise ValueError(
+                f"loss.caption_word_template {self.caption_word_template!r} has no {{}} "
+                "for the word"
+            )
+        return self
 
 
 class DataConfig(_Section):

@@ -1,4 +1,5 @@
-"""SegCLIP's three losses as pure functions of tensors (docs/method.md section 3)."""
+"""SegCLIP's three losses and the optional caption-word term, as pure functions of tensors
+(docs/method.md section 3)."""
 
 from __future__ import annotations
 
@@ -61,6 +62,26 @@ def contrastive_loss(
     return (
         F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
     ) / 2
+
+
+def caption_word_loss(
+    center_features: torch.Tensor,
+    word_features: torch.Tensor,
+    named: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """For every word a caption names, cross-entropy of that word among the vocabulary's
+    words, scored by the image's best center (scaled cosine), averaged over named words.
+
+    `center_features` (B, G, E) and `word_features` (K, E) are normalised, `named` (B, K)
+    is bool. The contrastive loss sees only the element-wise maximum over centers, so a
+    model trained from scratch can spread a word over several centers; segmentation labels
+    single centers. Captions that name no word add nothing.
+    """
+    best = torch.einsum("bge,ke->bgk", center_features, word_features).amax(dim=1)
+    log_probs = (logit_scale * best).log_softmax(dim=-1)
+    weights = named.to(log_probs.dtype)
+    return -(log_probs * weights).sum() / weights.sum().clamp(min=1)
 
 
 def superpixel_pseudo_labels(assign: torch.Tensor, superpixel_ids: torch.Tensor) -> torch.Tensor:
@@ -131,6 +152,7 @@ class LossTerms:
     contrastive: torch.Tensor
     superpixel_kl: torch.Tensor
     reconstruction: torch.Tensor | None  # None: not computed (reconstruction weight 0)
+    caption_words: torch.Tensor | None = None  # None: not computed (caption-word weight 0)
 
     def to_floats(self) -> dict[str, float]:
         """Detached scalars keyed `loss/<term>`, for logging; terms not computed are left out."""
@@ -140,12 +162,18 @@ class LossTerms:
 
 
 def segclip_loss(
-    outputs: TrainOutputs, superpixel_ids: torch.Tensor, config: LossConfig
+    outputs: TrainOutputs,
+    superpixel_ids: torch.Tensor,
+    config: LossConfig,
+    *,
+    named_words: torch.Tensor | None = None,
 ) -> LossTerms:
-    """L = w_con L_con + w_kl L_kl + w_rec L_rec, with each term kept for logging.
+    """L = w_con L_con + w_kl L_kl + w_rec L_rec (+ w_words L_words), each term kept for logging.
 
     A forward without the masked pass has no reconstruction term (None, never logged,
-    rather than a loss of 0) and needs a reconstruction weight of 0.
+    rather than a loss of 0) and needs a reconstruction weight of 0. A caption-word
+    weight needs the forward's word features and `named_words` (B, K), which words each
+    caption names (`segclip.caption_words.CaptionWords.named`).
     """
     con = contrastive_loss(outputs.image_features, outputs.text_features, outputs.logit_scale)
     kl = superpixel_kl_loss(outputs.patch_assign, superpixel_ids, config.kl_form)
@@ -159,4 +187,17 @@ def segclip_loss(
             "loss.reconstruction_weight is not 0 but the forward skipped the masked pass: "
             "call the model with reconstruct=True"
         )
-    return LossTerms(total=total, contrastive=con, superpixel_kl=kl, reconstruction=rec)
+    words = None
+    if config.caption_word_weight:
+        if outputs.word_features is None or named_words is None:
+            raise ValueError(
+                "loss.caption_word_weight is not 0 but the forward got no word prompts or "
+                "the loss no named words: use TrainStep, which passes both"
+            )
+        words = caption_word_loss(
+            outputs.center_features, outputs.word_features, named_words, outputs.logit_scale
+        )
+        total = total + config.caption_word_weight * words
+    return LossTerms(
+        total=total, contrastive=con, superpixel_kl=kl, reconstruction=rec, caption_words=words
+    )

@@ -57,6 +57,9 @@ class TrainOutputs:
     image_features: torch.Tensor  # (B, E), L2-normalised
     text_features: torch.Tensor  # (B, E), L2-normalised
     logit_scale: torch.Tensor  # scalar, exp(s) clamped to 100
+    center_features: torch.Tensor  # (B, G, E), L2-normalised center embeddings
+    # (K, E) L2-normalised prompts of the caption words; None when none were given
+    word_features: torch.Tensor | None
     patch_assign: torch.Tensor  # (B, N, G): per patch, the full pass's straight-through center
     # None when the forward skipped the masked pass (reconstruction weight 0)
     reconstruction: torch.Tensor | None  # (B, N, p*p*3) predicted pixels
@@ -211,12 +214,19 @@ class SegCLIP(nn.Module):
         self.clip.logit_scale.clamp_(max=MAX_LOG_LOGIT_SCALE)
 
     def forward(
-        self, images: torch.Tensor, tokens: torch.Tensor, *, reconstruct: bool = True
+        self,
+        images: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        reconstruct: bool = True,
+        word_prompts: torch.Tensor | None = None,
     ) -> TrainOutputs:
         """One training step's forward: full pass, masked pass, text; losses are separate.
 
         `reconstruct=False` skips the masked pass and the decoder, about half of a tiny
         model's step, for recipes that give the reconstruction loss no weight.
+        `word_prompts` (K, L) token ids are encoded by the text tower in the same pass (so
+        a DistributedDataParallel wrapper sees them) for the caption-word loss.
         """
         full = self.encode_image(images, VisionMode.TRAIN)
         pixels = target = masked = None
@@ -232,6 +242,10 @@ class SegCLIP(nn.Module):
             image_features=F.normalize(full.embedding, dim=-1),
             text_features=F.normalize(self.encode_text(tokens), dim=-1),
             logit_scale=self.logit_scale(),
+            center_features=F.normalize(full.center_embeddings, dim=-1),
+            word_features=None
+            if word_prompts is None
+            else F.normalize(self.encode_text(word_prompts), dim=-1),
             patch_assign=full.hard_assign.transpose(1, 2),
             reconstruction=pixels,
             target=target,

@@ -9,10 +9,12 @@ from dataclasses import fields
 import torch
 from torch import nn
 
+from segclip.caption_words import CaptionWords
 from segclip.config import LossConfig, SegCLIPConfig, TrainConfig
 from segclip.data.batch import Batch
 from segclip.losses import LossTerms, segclip_loss
 from segclip.model import SegCLIP
+from segclip.model.segclip import CaptionTokenizer
 from segclip.train.optim import build_optimizer, build_scheduler
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
@@ -23,7 +25,7 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 
 
 class TrainStep:
-    """Forward, the three losses, backward, clip, step, schedule and logit-scale clamp.
+    """Forward, the losses, backward, clip, step, schedule and logit-scale clamp.
 
     `model` may be wrapped in DistributedDataParallel. With `micro_batches` > 1 the
     gradients of equal micro-batches are accumulated (synchronised across ranks
@@ -47,6 +49,15 @@ class TrainStep:
         self.scheduler = scheduler
         self.loss_config = loss_config
         self.reconstructs = loss_config.reconstruction_weight > 0
+        self.caption_words = (
+            CaptionWords(
+                loss_config.caption_words,
+                loss_config.caption_word_template,
+                CaptionTokenizer(self.segclip.config),
+            )
+            if loss_config.caption_word_weight
+            else None
+        )
         self.grad_clip_norm = train_config.grad_clip_norm
         self.device_type = device_type
         self.autocast_dtype = AUTOCAST_DTYPES[train_config.precision]
@@ -57,8 +68,15 @@ class TrainStep:
         with torch.autocast(
             self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            outputs = self.model(batch.images, batch.tokens, reconstruct=self.reconstructs)
-            return segclip_loss(outputs, batch.superpixels, self.loss_config)
+            words = self.caption_words
+            outputs = self.model(
+                batch.images,
+                batch.tokens,
+                reconstruct=self.reconstructs,
+                word_prompts=None if words is None else words.prompt_tokens.to(batch.tokens.device),
+            )
+            named = None if words is None else words.named(batch.tokens)
+            return segclip_loss(outputs, batch.superpixels, self.loss_config, named_words=named)
 
     def __call__(self, batch: Batch, micro_batches: int = 1) -> LossTerms:
         self.optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ SEGCLIP_LAYERS = (
     ("segclip.manifest",),
     ("segclip.tracking", "segclip.sweep"),
     ("segclip.model",),
-    ("segclip.losses",),
+    ("segclip.losses", "segclip.caption_words"),
     ("segclip.data",),
     ("segclip.train", "segclip.eval"),
     ("segclip.stage",),

@@ -105,6 +105,8 @@ def test_combined_loss_weights_each_term():
         image_features=torch.nn.functional.normalize(torch.randn(1, 4), dim=-1),
         text_features=torch.nn.functional.normalize(torch.randn(1, 4), dim=-1),
         logit_scale=torch.tensor(10.0),
+        center_features=torch.nn.functional.normalize(torch.randn(1, 2, 4), dim=-1),
+        word_features=None,
         patch_assign=ASSIGN,
         reconstruction=torch.zeros(1, 3, 2),
         target=torch.ones(1, 3, 2),

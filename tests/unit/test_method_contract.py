@@ -81,6 +81,8 @@ def _hand_outputs(seed: int = 0) -> TrainOutputs:
         image_features=unit(batch, embed),
         text_features=unit(batch, embed),
         logit_scale=torch.tensor(10.0),
+        center_features=unit(batch, centers, embed),
+        word_features=None,
         patch_assign=torch.nn.functional.one_hot(chosen, centers).float(),
         reconstruction=torch.randn(batch, patches, pixels, generator=generator),
         target=torch.randn(batch, patches, pixels, generator=generator),

@@ -34,6 +34,15 @@ def test_a_setting_that_changes_trained_weights_changes_the_train_key(override):
     assert key("train", override) != key("train")
 
 
+def test_caption_words_change_the_train_key_only_when_their_term_has_a_weight():
+    words = "loss.caption_words=[circle,square]"
+    assert key("train", words) == key("train")
+    assert key("train", words, "loss.caption_word_template=a {}.") == key("train")
+    weighted = key("train", words, "loss.caption_word_weight=1")
+    assert weighted != key("train")
+    assert key("train", "loss.caption_words=[circle]", "loss.caption_word_weight=1") != weighted
+
+
 def test_a_new_sample_stream_version_changes_the_train_key(monkeypatch):
     before = key("train")
     monkeypatch.setattr(train, "SAMPLE_STREAM_VERSION", train.SAMPLE_STREAM_VERSION + 1)
