@@ -52,7 +52,7 @@ class ImageEncoding:
 
 @dataclass
 class TrainOutputs:
-    """What the three losses need from one training step's forward pass."""
+    """What the losses need from one training step's forward pass."""
 
     image_features: torch.Tensor  # (B, E), L2-normalised
     text_features: torch.Tensor  # (B, E), L2-normalised

@@ -13,7 +13,6 @@ from segclip.caption_words import CaptionWords
 from segclip.config import LossConfig, load_config
 from segclip.data.batch import Batch
 from segclip.losses import caption_word_loss
-from segclip.model import build_model
 from segclip.model.segclip import CaptionTokenizer
 from segclip.train.step import build_train_step
 
@@ -72,23 +71,19 @@ def test_a_weight_without_words_is_refused_naming_the_fix():
         LossConfig(caption_word_template="a photo")
 
 
-def test_a_train_step_with_the_term_logs_it_and_its_weight_moves_the_total(tiny_config):
-    words = ("circle", "square")
+def test_a_train_step_with_the_term_logs_it_and_its_weight_moves_the_total(
+    tiny_config, tiny_model, tiny_images, tokenize
+):
     config = load_config(
-        "tiny", ["loss.caption_word_weight=1", f"loss.caption_words=[{','.join(words)}]"]
+        "tiny", ["loss.caption_word_weight=1", "loss.caption_words=[circle,square]"]
     )
-    tokenize = CaptionTokenizer(config.model)
-    torch.manual_seed(0)
-    model = build_model(config.model)
-    step = build_train_step(model, config, total_steps=10)
-    size = model.grid[0] * model.patch_size
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    tokens = tokenize(["a red circle.", "a square and a circle"])
-    superpixels = torch.zeros(2, model.grid[0] * model.grid[1], dtype=torch.long)
-    terms = step.losses(Batch(images, tokens, superpixels))
+    tokens = tokenize(["a red circle.", "a square and a circle", "a star"])
+    superpixels = torch.zeros(3, tiny_model.grid[0] * tiny_model.grid[1], dtype=torch.long)
+    batch = Batch(tiny_images, tokens, superpixels)
+    terms = build_train_step(tiny_model, config, total_steps=10).losses(batch)
     assert terms.caption_words is not None and terms.caption_words.item() > 0
     rest = terms.contrastive + terms.superpixel_kl + terms.reconstruction
     torch.testing.assert_close(terms.total, rest + terms.caption_words)
     assert "loss/caption_words" in terms.to_floats()
-    off = build_train_step(build_model(tiny_config.model), tiny_config, total_steps=10)
-    assert off.losses(Batch(images, tokens, superpixels)).caption_words is None
+    off = build_train_step(tiny_model, tiny_config, total_steps=10).losses(batch)
+    assert off.caption_words is None
