@@ -49,9 +49,6 @@ HELDOUT_IMAGES = 200
 BACKGROUND_PHRASE = CAPTION_FRAMES[-1].format("").strip()  # the scenes' own "on a pattern"
 
 
-CAPTION_WORDS = ("loss.caption_word_weight=1", f"loss.caption_words=[{','.join(CATEGORIES)}]")
-
-
 @dataclass(frozen=True)
 class Recipe:
     """Overrides of the demo profile, plus caption rewrites: the share of the captions'
@@ -75,9 +72,8 @@ RECIPES: dict[str, Recipe] = {
     "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
     "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
     "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
-    # the demo's shape words as caption words (docs/method.md section 3), 2026-11-27 (README)
-    "caption_words": Recipe(CAPTION_WORDS),
-    "caption_words_16": Recipe((*CAPTION_WORDS, "model.num_centers=16")),
+    # the demo before it took the caption words (docs/method.md section 3) on 2026-11-27
+    "without_caption_words": Recipe(("loss.caption_word_weight=0",)),
     "background_named": Recipe(background_named=True),
     "lr_2e-3": Recipe(("train.lr_new=2e-3", "train.lr_pretrained=2e-3")),
     "lr_5e-4": Recipe(("train.lr_new=5e-4", "train.lr_pretrained=5e-4")),

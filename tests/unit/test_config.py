@@ -1,6 +1,7 @@
 import pytest
 
 from segclip.config import ConfigError, available_profiles, config_to_yaml, load_config
+from segclip.data.scenes import CATEGORIES
 
 
 def test_profiles_resolve_to_the_reference_recipe():
@@ -71,3 +72,8 @@ def test_a_profile_can_extend_another(tmp_path):
     assert (demo.group_layer, demo.late_block_context) == (1, "own_center")
     reverted = {"group_layer": tiny.model.group_layer, "late_block_context": "all_centers"}
     assert demo.model_copy(update=reverted) == tiny.model
+
+
+def test_the_demo_profiles_caption_words_are_the_scenes_shape_names():
+    loss = load_config("demo").loss
+    assert loss.caption_word_weight > 0 and loss.caption_words == CATEGORIES
