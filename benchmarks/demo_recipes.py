@@ -75,6 +75,9 @@ RECIPES: dict[str, Recipe] = {
     # the demo before it took the caption words (docs/method.md section 3) on 2026-11-27
     "without_caption_words": Recipe(("loss.caption_word_weight=0",)),
     "background_named": Recipe(background_named=True),
+    "background_word": Recipe(
+        (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
+    ),
     "lr_2e-3": Recipe(("train.lr_new=2e-3", "train.lr_pretrained=2e-3")),
     "lr_5e-4": Recipe(("train.lr_new=5e-4", "train.lr_pretrained=5e-4")),
     "shape_captions": Recipe(colour_share=0.0),
