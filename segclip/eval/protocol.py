@@ -61,8 +61,8 @@ PROTOCOLS: dict[ProtocolName, EvalProtocol] = {
     # without their colour (version 1); since then background centers reach class
     # probabilities near 1 too, and 0.995 beat 0.9-0.999 there (README, issue 18; version
     # 2). Without the reconstruction loss (the demo since version 3) 0.998 beat 0.99-0.9995.
-    # With the caption-word loss (the demo since version 4) object centers are named with
-    # more margin than background ones, and 0.97 beat 0.5-0.998 over six seeds.
+    # With the caption-word loss (the demo since version 4) 0.97 beat 0.5-0.998, over six
+    # seeds.
     "segclip_learned_scale": replace(
         SEGCLIP,
         name="segclip_learned_scale",
