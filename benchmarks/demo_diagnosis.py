@@ -10,7 +10,14 @@ saved), on the demo benchmark under the `segclip_learned_scale` protocol:
   classes (as many as the image has objects);
 - grouping oracle mIoU: every center labelled with the majority class of its pixels (the
   background included), which scores the grouping alone;
-- center naming: the share of centers over an object whose best class is that object's.
+- center naming: the share of centers over an object whose best class is that object's;
+- background named as a shape the image shows (at the protocol's threshold): the share of
+  background pixels labelled as one of the image's own objects, the low models' main error
+  (an object sharing its center with the background around it);
+- assignment logit gap: per patch, the gap between its two best center logits (median
+  over the patches of an image, then over the images); the group module's logits have no
+  1/sqrt(d) scaling, and where they have grown large the straight-through softmax passes
+  no gradient.
 
     python benchmarks/demo_diagnosis.py workdir/demo/train/*/final/model.safetensors
 """
@@ -34,6 +41,8 @@ class Tally:
     objects_in_prior: int = 0
     object_centers: int = 0
     centers_named: int = 0
+    background: int = 0
+    background_as_present: int = 0
 
 
 def diagnose(path: str, benchmark: str) -> dict[str, str]:
@@ -58,11 +67,15 @@ def diagnose(path: str, benchmark: str) -> dict[str, str]:
     segmenter = Segmenter(model, spec.text_classes, protocol, threshold)
     text = segmenter.text  # the class prompts' embeddings, as the protocol makes them
     oracle, scored, tally = ConfusionMatrix(classes), ConfusionMatrix(classes), Tally()
+    gaps = []
     with torch.inference_mode():
         for sample in read_samples(spec, location(benchmark)):
-            scored.update(segmenter.predict(sample.image), sample.label)
+            predicted = segmenter.predict(sample.image)
+            scored.update(predicted, sample.label)
             image = resize_short_side(normalize_images(sample.image[None])[0], protocol.short_side)
             encoding = model.encode_image(image[None], VisionMode.INFER)
+            best_two = encoding.assignment.logits[0].float().topk(2, dim=0).values
+            gaps.append((best_two[0] - best_two[1]).median().item())
             soft = encoding.soft_assign.float().reshape(1, -1, *encoding.grid)
             soft = F.interpolate(soft, sample.label.shape, mode="bilinear", align_corners=False)
             centers = soft.argmax(dim=1)[0].numpy()
@@ -71,6 +84,9 @@ def diagnose(path: str, benchmark: str) -> dict[str, str]:
             top = prior.topk(len(present)).indices + 1 if present else prior[:0]
             tally.objects += len(present)
             tally.objects_in_prior += len(present & set(top.tolist()))
+            background = sample.label == 0
+            tally.background += int(background.sum())
+            tally.background_as_present += int(np.isin(predicted[background], list(present)).sum())
             named = (F.normalize(encoding.center_embeddings[0].float(), dim=-1) @ text.T).argmax(1)
             grouped = np.zeros_like(sample.label)
             for center in np.unique(centers):
@@ -94,6 +110,10 @@ def diagnose(path: str, benchmark: str) -> dict[str, str]:
         "prior recall (%)": f"{100 * tally.objects_in_prior / tally.objects:.1f}",
         "grouping oracle mIoU (%)": f"{100 * oracle.mean_iou():.1f}",
         "center naming (%)": f"{100 * tally.centers_named / tally.object_centers:.1f}",
+        "background named as a shape the image shows (%)": (
+            f"{100 * tally.background_as_present / tally.background:.1f}"
+        ),
+        "assignment logit gap": f"{np.median(gaps):.1f}",
     }
 
 
