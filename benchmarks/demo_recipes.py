@@ -72,8 +72,10 @@ RECIPES: dict[str, Recipe] = {
     "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
     "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
     "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
-    # the demo before it took the caption words (docs/method.md section 3) on 2026-11-27
+    # without the caption words (docs/method.md section 3), which the demo took on 2026-11-27
     "without_caption_words": Recipe(("loss.caption_word_weight=0",)),
+    # the demo before it took 6000 training scenes on 2026-11-27: their first 2000 (8 shards)
+    "images_2000": Recipe(shards=8),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
