@@ -74,7 +74,8 @@ RECIPES: dict[str, Recipe] = {
     "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
     # without the caption words (docs/method.md section 3), which the demo took on 2026-11-27
     "without_caption_words": Recipe(("loss.caption_word_weight=0",)),
-    # the demo before it took 6000 training scenes on 2026-11-27: their first 2000 (8 shards)
+    # the demo before it took 6000 training scenes on 2026-11-27: their first 2000 (8 shards
+    # of ingest.samples_per_shard 250)
     "images_2000": Recipe(shards=8),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
