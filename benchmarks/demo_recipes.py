@@ -14,7 +14,7 @@ scored on held-out scenes (a third scene seed, never the benchmark's), and the t
 best there is the one a recipe change may adopt.
 
     python benchmarks/demo_recipes.py --recipes demo:500 shape_captions:800 --seeds 0 1 2
-    python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo:1200
+    python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo batch_32:1200
     python benchmarks/demo_recipes.py --ranks 2 --loader-workers 1 --device cpu
 """
 
@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import segclip  # noqa: F401  (torchvision fix before open_clip)
+from segclip.config import load_config
 from segclip.data.demo_data import usable_cpus
 from segclip.data.scenes import CAPTION_FRAMES, CATEGORIES, COLOURS
 from segclip.manifest import load_result
 from segclip.sweep import spread
 
 THRESHOLDS = (0.5, 0.7, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998)
+DEMO_STEPS = load_config("demo").train.steps
 DEMO_WORKDIR = Path("workdir/demo")
 HELDOUT_IMAGES = 200
 BACKGROUND_PHRASE = CAPTION_FRAMES[-1].format("").strip()  # the scenes' own "on a pattern"
@@ -77,6 +79,9 @@ RECIPES: dict[str, Recipe] = {
     # the demo before it took 6000 training scenes on 2026-11-27: their first 2000 (8 shards
     # of ingest.samples_per_shard 250)
     "images_2000": Recipe(shards=8),
+    # the demo before it took batch 64 on 2026-11-27: run at 1200 steps, the same samples
+    "batch_32": Recipe(("train.global_batch_size=32",)),
+    "gumbel_tau_2": Recipe(("model.gumbel_tau=2",)),  # tried at batch 32 (README)
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
@@ -119,7 +124,7 @@ def parse_recipe(text: str) -> tuple[str, Recipe, int]:
     name, _, steps = text.partition(":")
     if name not in RECIPES:
         raise SystemExit(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
-    return name, RECIPES[name], int(steps or 1200)
+    return name, RECIPES[name], int(steps) if steps else DEMO_STEPS
 
 
 def caption_rewriter(recipe: Recipe):
@@ -160,7 +165,6 @@ def rewrite_captions(shards: list[str], recipe: Recipe, folder: Path) -> list[st
 
 
 def job_config(job: Job):
-    from segclip.config import load_config
 
     overrides = [
         *job.recipe.overrides,
@@ -305,7 +309,6 @@ def threshold_matrices(model, protocol, folder: str, device) -> dict:
 
 def write_heldout(folder: Path) -> str:
     """Scenes of a seed that is neither the demo's training nor its benchmark seed."""
-    from segclip.config import load_config
     from segclip.data.demo_data import write_demo_benchmark
 
     demo = load_config("demo").demo
@@ -362,7 +365,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=["demo:1200"], help="name[:steps]")
+    parser.add_argument(
+        "--recipes", nargs="+", default=["demo"], help="name[:steps], steps by default the demo's"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--processes", type=int, default=1, help="runs at once")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
