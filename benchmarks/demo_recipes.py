@@ -82,6 +82,7 @@ RECIPES: dict[str, Recipe] = {
     # the demo before it took batch 64 on 2026-11-27: run at 1200 steps, the same samples
     "batch_32": Recipe(("train.global_batch_size=32",)),
     "gumbel_tau_2": Recipe(("model.gumbel_tau=2",)),  # tried at batch 32 (README)
+    "batch_128": Recipe(("train.global_batch_size=128",)),  # run at 300 steps: the same samples
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
