@@ -166,7 +166,6 @@ def rewrite_captions(shards: list[str], recipe: Recipe, folder: Path) -> list[st
 
 
 def job_config(job: Job):
-
     overrides = [
         *job.recipe.overrides,
         f"train.steps={job.steps}",
