@@ -89,6 +89,8 @@ RECIPES: dict[str, Recipe] = {
     ),
     "lr_2e-3": Recipe(("train.lr_new=2e-3", "train.lr_pretrained=2e-3")),
     "lr_5e-4": Recipe(("train.lr_new=5e-4", "train.lr_pretrained=5e-4")),
+    # 1e-3 scaled by the square root of the batch's growth from 32 to 64
+    "lr_1.4e-3": Recipe(("train.lr_new=1.4e-3", "train.lr_pretrained=1.4e-3")),
     "shape_captions": Recipe(colour_share=0.0),
     "colour_half": Recipe(colour_share=0.5),
     "shape_captions_lr2e-3": Recipe(
