@@ -14,7 +14,7 @@ scored on held-out scenes (a third scene seed, never the benchmark's), and the t
 best there is the one a recipe change may adopt.
 
     python benchmarks/demo_recipes.py --recipes demo:500 shape_captions:800 --seeds 0 1 2
-    python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo batch_32:1200
+    python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo batch_32
     python benchmarks/demo_recipes.py --ranks 2 --loader-workers 1 --device cpu
 """
 
@@ -61,6 +61,7 @@ class Recipe:
     overrides: tuple[str, ...] = ()
     colour_share: float = 1.0
     shards: int | None = None  # the first N superpixel shards only
+    steps: int | None = None  # without `name:steps`; None: the demo's
     background_named: bool = False  # "on a pattern" ends every caption that lacks it
 
     @property
@@ -79,10 +80,10 @@ RECIPES: dict[str, Recipe] = {
     # the demo before it took 6000 training scenes on 2026-11-27: their first 2000 (8 shards
     # of ingest.samples_per_shard 250)
     "images_2000": Recipe(shards=8),
-    # the demo before it took batch 64 on 2026-11-27: run at 1200 steps, the same samples
-    "batch_32": Recipe(("train.global_batch_size=32",)),
+    # the demo before it took batch 64 on 2026-11-27 (the same samples)
+    "batch_32": Recipe(("train.global_batch_size=32",), steps=1200),
     "gumbel_tau_2": Recipe(("model.gumbel_tau=2",)),  # tried at batch 32 (README)
-    "batch_128": Recipe(("train.global_batch_size=128",)),  # run at 300 steps: the same samples
+    "batch_128": Recipe(("train.global_batch_size=128",), steps=300),  # the same samples
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
@@ -127,7 +128,8 @@ def parse_recipe(text: str) -> tuple[str, Recipe, int]:
     name, _, steps = text.partition(":")
     if name not in RECIPES:
         raise SystemExit(f"unknown recipe {name!r}; recipes: {', '.join(RECIPES)}")
-    return name, RECIPES[name], int(steps) if steps else DEMO_STEPS
+    recipe = RECIPES[name]
+    return name, recipe, int(steps) if steps else recipe.steps or DEMO_STEPS
 
 
 def caption_rewriter(recipe: Recipe):
@@ -368,7 +370,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--recipes", nargs="+", default=["demo"], help="name[:steps], steps by default the demo's"
+        "--recipes", nargs="+", default=["demo"], help="name[:steps], steps by default the recipe's"
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--processes", type=int, default=1, help="runs at once")
