@@ -84,6 +84,15 @@ RECIPES: dict[str, Recipe] = {
     "batch_32": Recipe(("train.global_batch_size=32",), steps=1200),
     "gumbel_tau_2": Recipe(("model.gumbel_tau=2",)),  # tried at batch 32 (README)
     "batch_128": Recipe(("train.global_batch_size=128",), steps=300),  # the same samples
+    # screened on a lent GPU machine on 2026-11-27 (benchmarks/README)
+    "crop_0.8": Recipe(("data.crop_scale=[0.8,1.0]",)),
+    "no_crop": Recipe(("data.crop_scale=[1.0,1.0]",)),  # the whole scene every time
+    "warmup_0.2": Recipe(("train.warmup_fraction=0.2",)),
+    "weight_decay_0.2": Recipe(("train.weight_decay=0.2",)),
+    "grad_clip_0.3": Recipe(("train.grad_clip_norm=0.3",)),
+    "kl_weight_0": Recipe(("loss.superpixel_kl_weight=0",)),
+    "word_weight_3": Recipe(("loss.caption_word_weight=3",)),
+    "gumbel_tau_0.5": Recipe(("model.gumbel_tau=0.5",)),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
@@ -381,13 +390,20 @@ def main() -> None:
     )
     parser.add_argument("--loader-workers", type=int, default=2, help="loader processes per rank")
     parser.add_argument("--keep", default=None, help="a folder to save each run's model in")
+    parser.add_argument(
+        "--stop-after",
+        type=float,
+        default=None,
+        help="seconds after which no further run starts (a machine lent for minutes)",
+    )
     args = parser.parse_args()
+    started = time.perf_counter()
     if args.ranks > 1 and args.device != "cpu":
         parser.error("--ranks above 1 trains on gloo ranks: add --device cpu")
     threads = args.threads or max(1, usable_cpus() // args.processes)
     shards, benchmark = demo_inputs()
     with tempfile.TemporaryDirectory() as scratch:
-        heldout, jobs = write_heldout(Path(scratch) / "heldout"), []
+        heldout, recipe_jobs = write_heldout(Path(scratch) / "heldout"), []
         for text in args.recipes:
             name, recipe, steps = parse_recipe(text)
             used = [url for url, _ in shards[: recipe.shards]]
@@ -411,11 +427,18 @@ def main() -> None:
                 loader_workers=args.loader_workers,
                 keep=args.keep,
             )
-            jobs += [replace(job, seed=seed) for seed in args.seeds]
+            recipe_jobs.append(job)
+        # seed-major, so that runs left out by --stop-after leave every recipe the same seeds
+        jobs = [replace(job, seed=seed) for seed in args.seeds for job in recipe_jobs]
         context = get_context("spawn")
         with ProcessPoolExecutor(args.processes, mp_context=context, max_tasks_per_child=1) as pool:
-            results = []
-            for done in as_completed([pool.submit(train_and_score, job) for job in jobs]):
+            results, futures = [], [pool.submit(train_and_score, job) for job in jobs]
+            for done in as_completed(futures):
+                if args.stop_after and time.perf_counter() - started > args.stop_after:
+                    for future in futures:
+                        future.cancel()  # the runs not yet started; the running ones finish
+                if done.cancelled():
+                    continue
                 result = done.result()
                 results.append(result)
                 print(
@@ -424,7 +447,9 @@ def main() -> None:
                     f"final contrastive {result['contrastive']:.2f}, {result['train_s']:.0f} s",
                     flush=True,
                 )
-    results.sort(key=lambda r: [job.label for job in jobs].index(r["label"]))
+    results.sort(key=lambda r: [job.label for job in recipe_jobs].index(r["label"]))
+    if len(results) < len(jobs):
+        print(f"\n{len(jobs) - len(results)} of {len(jobs)} runs left out by --stop-after")
     print(table(results))
     print(f"\ncommand: python benchmarks/demo_recipes.py {shlex.join(sys.argv[1:])}")
 
