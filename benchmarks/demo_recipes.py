@@ -89,7 +89,6 @@ RECIPES: dict[str, Recipe] = {
     "no_crop": Recipe(("data.crop_scale=[1.0,1.0]",)),  # the whole scene every time
     "warmup_0.2": Recipe(("train.warmup_fraction=0.2",)),
     "weight_decay_0.2": Recipe(("train.weight_decay=0.2",)),
-    "weight_decay_0.5": Recipe(("train.weight_decay=0.5",)),
     "grad_clip_0.3": Recipe(("train.grad_clip_norm=0.3",)),
     "kl_weight_0": Recipe(("loss.superpixel_kl_weight=0",)),
     "word_weight_3": Recipe(("loss.caption_word_weight=3",)),
