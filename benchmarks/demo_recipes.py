@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -376,6 +376,32 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_jobs(jobs: list[Job], *, processes: int, deadline: float | None) -> list[dict[str, Any]]:
+    """Each job's result, `processes` runs at a time, printed as each ends; no run starts
+    after `deadline` (a `time.perf_counter()` value). Runs go to the pool one at a time as
+    processes free up: runs already in a pool's queue would start after the deadline."""
+    pending, running, results = list(jobs), set(), []
+    context = get_context("spawn")
+    with ProcessPoolExecutor(processes, mp_context=context, max_tasks_per_child=1) as pool:
+        while pending or running:
+            in_time = deadline is None or time.perf_counter() < deadline
+            while pending and len(running) < processes and in_time:
+                running.add(pool.submit(train_and_score, pending.pop(0)))
+            if not running:
+                break
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for done in finished:
+                result = done.result()
+                results.append(result)
+                print(
+                    f"{result['label']} seed {result['seed']}: mIoU {result['miou']:.1f}, "
+                    f"pixel acc. {result['pixel_accuracy']:.1f}, class IoU {result['class_iou']}, "
+                    f"final contrastive {result['contrastive']:.2f}, {result['train_s']:.0f} s",
+                    flush=True,
+                )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -430,23 +456,8 @@ def main() -> None:
             recipe_jobs.append(job)
         # seed-major, so that runs left out by --stop-after leave every recipe the same seeds
         jobs = [replace(job, seed=seed) for seed in args.seeds for job in recipe_jobs]
-        context = get_context("spawn")
-        with ProcessPoolExecutor(args.processes, mp_context=context, max_tasks_per_child=1) as pool:
-            results, futures = [], [pool.submit(train_and_score, job) for job in jobs]
-            for done in as_completed(futures):
-                if args.stop_after and time.perf_counter() - started > args.stop_after:
-                    for future in futures:
-                        future.cancel()  # the runs not yet started; the running ones finish
-                if done.cancelled():
-                    continue
-                result = done.result()
-                results.append(result)
-                print(
-                    f"{result['label']} seed {result['seed']}: mIoU {result['miou']:.1f}, "
-                    f"pixel acc. {result['pixel_accuracy']:.1f}, class IoU {result['class_iou']}, "
-                    f"final contrastive {result['contrastive']:.2f}, {result['train_s']:.0f} s",
-                    flush=True,
-                )
+        deadline = started + args.stop_after if args.stop_after else None
+        results = run_jobs(jobs, processes=args.processes, deadline=deadline)
     results.sort(key=lambda r: [job.label for job in recipe_jobs].index(r["label"]))
     if len(results) < len(jobs):
         print(f"\n{len(jobs) - len(results)} of {len(jobs)} runs left out by --stop-after")
