@@ -87,6 +87,7 @@ RECIPES: dict[str, Recipe] = {
     # screened on a lent GPU machine on 2026-11-27 (benchmarks/README)
     "crop_0.8": Recipe(("data.crop_scale=[0.8,1.0]",)),
     "no_crop": Recipe(("data.crop_scale=[1.0,1.0]",)),  # the whole scene every time
+    "warmup_0.1": Recipe(("train.warmup_fraction=0.1",)),
     "warmup_0.2": Recipe(("train.warmup_fraction=0.2",)),
     "weight_decay_0.2": Recipe(("train.weight_decay=0.2",)),
     "grad_clip_0.3": Recipe(("train.grad_clip_norm=0.3",)),
