@@ -72,9 +72,9 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "demo": Recipe(),
     "with_reconstruction": Recipe(("loss.reconstruction_weight=1",)),  # the demo before issue 17
-    "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried 2026-11-27 (README)
+    "kl_weight_10": Recipe(("loss.superpixel_kl_weight=10",)),  # tried (docs/demo_study.md)
     "kl_weight_30": Recipe(("loss.superpixel_kl_weight=30",)),
-    "centers_16": Recipe(("model.num_centers=16",)),  # tried 2026-11-27 (README)
+    "centers_16": Recipe(("model.num_centers=16",)),  # tried (docs/demo_study.md)
     # without the caption words (docs/method.md section 3), which the demo took on 2026-11-27
     "without_caption_words": Recipe(("loss.caption_word_weight=0",)),
     # the demo before it took 6000 training scenes on 2026-11-27: their first 2000 (8 shards
@@ -82,7 +82,7 @@ RECIPES: dict[str, Recipe] = {
     "images_2000": Recipe(shards=8),
     # the demo before it took batch 64 on 2026-11-27 (the same samples)
     "batch_32": Recipe(("train.global_batch_size=32",), steps=1200),
-    "gumbel_tau_2": Recipe(("model.gumbel_tau=2",)),  # tried at batch 32 (README)
+    "gumbel_tau_2": Recipe(("model.gumbel_tau=2",)),  # tried at batch 32 (docs/demo_study.md)
     "batch_128": Recipe(("train.global_batch_size=128",), steps=300),  # the same samples
     # screened on a lent GPU machine on 2026-11-27 (benchmarks/README)
     "crop_0.8": Recipe(("data.crop_scale=[0.8,1.0]",)),
@@ -93,7 +93,7 @@ RECIPES: dict[str, Recipe] = {
     "kl_weight_0": Recipe(("loss.superpixel_kl_weight=0",)),
     "word_weight_3": Recipe(("loss.caption_word_weight=3",)),
     "gumbel_tau_0.5": Recipe(("model.gumbel_tau=0.5",)),
-    "warmup_0.1": Recipe(("train.warmup_fraction=0.1",)),  # tried on the CPU (README)
+    "warmup_0.1": Recipe(("train.warmup_fraction=0.1",)),  # tried on the CPU (docs/demo_study.md)
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True

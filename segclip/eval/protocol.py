@@ -59,7 +59,7 @@ PROTOCOLS: dict[ProtocolName, EvalProtocol] = {
     # mIoU at best). The demo threshold is the best mean over three seeds' models on 200
     # held-out scenes (scene seed 2), never the benchmark: 0.7 until the captions named shapes
     # without their colour (version 1); since then background centers reach class
-    # probabilities near 1 too, and 0.995 beat 0.9-0.999 there (README, issue 18; version
+    # probabilities near 1 too, and 0.995 beat 0.9-0.999 there (docs/demo_study.md; version
     # 2). Without the reconstruction loss (the demo since version 3) 0.998 beat 0.99-0.9995.
     # With the caption-word loss (the demo since version 4) 0.97 beat 0.5-0.998, over six
     # seeds; on 6000 training scenes too, over nine (63.2 against 62.7 at 0.98, held out),
