@@ -94,7 +94,7 @@ RECIPES: dict[str, Recipe] = {
     "word_weight_3": Recipe(("loss.caption_word_weight=3",)),
     "gumbel_tau_0.5": Recipe(("model.gumbel_tau=0.5",)),
     "warmup_0.1": Recipe(("train.warmup_fraction=0.1",)),  # tried on the CPU (docs/demo_study.md)
-    "group_layer_2": Recipe(("model.group_layer=2",)),  # the demo groups after block 1
+    "group_layer_2": Recipe(("model.group_layer=2",)),  # tried (docs/demo_study.md)
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
