@@ -95,6 +95,9 @@ RECIPES: dict[str, Recipe] = {
     "gumbel_tau_0.5": Recipe(("model.gumbel_tau=0.5",)),
     "warmup_0.1": Recipe(("train.warmup_fraction=0.1",)),  # tried on the CPU (docs/demo_study.md)
     "group_layer_2": Recipe(("model.group_layer=2",)),  # tried (docs/demo_study.md)
+    # the reference has 2 cross-attention blocks (docs/demo_study.md)
+    "cross_blocks_1": Recipe(("model.cross_attention_blocks=1",)),
+    "cross_blocks_3": Recipe(("model.cross_attention_blocks=3",)),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
