@@ -462,7 +462,8 @@ def main() -> None:
         # seed-major, so that runs left out by --stop-after leave every recipe the same seeds
         jobs = [replace(job, seed=seed) for seed in args.seeds for job in recipe_jobs]
         results = run_jobs(jobs, processes=args.processes, deadline=deadline)
-    results.sort(key=lambda r: [job.label for job in recipe_jobs].index(r["label"]))
+    order = {job.label: index for index, job in enumerate(recipe_jobs)}
+    results.sort(key=lambda r: order[r["label"]])
     if len(results) < len(jobs):
         print(f"\n{len(jobs) - len(results)} of {len(jobs)} runs left out by --stop-after")
     print(table(results))
