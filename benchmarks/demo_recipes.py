@@ -31,6 +31,7 @@ import tarfile
 import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -98,6 +99,9 @@ RECIPES: dict[str, Recipe] = {
     # the reference has 2 cross-attention blocks (docs/demo_study.md)
     "cross_blocks_1": Recipe(("model.cross_attention_blocks=1",)),
     "cross_blocks_3": Recipe(("model.cross_attention_blocks=3",)),
+    # the best of two or three starts, each tried for 100 steps (segclip/train/starts.py)
+    "best_of_2": Recipe(("train.start_trials=2",)),
+    "best_of_3": Recipe(("train.start_trials=3",)),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
@@ -203,34 +207,44 @@ def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
     from segclip.data.loader import training_loader
     from segclip.device import resolve_device
     from segclip.model import build_model
-    from segclip.train import build_train_step
+    from segclip.train import Batch, TrainStep, build_train_step
     from segclip.train.plan import plan_training
+    from segclip.train.starts import choose_start
+    from segclip.train.step import StepRecord, timed_step
 
     torch.set_num_threads(job.threads)
     device = resolve_device(job.device)
     config = job_config(job)
     plan = plan_training(config, job.samples)
-    torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
-    model = build_model(config.model).to(device)
-    step_fn = build_train_step(
-        model,
-        config,
-        total_steps=plan.total_steps,
-        device_type=device.type,
-        wrap=DistributedDataParallel if dist.is_initialized() else None,
-    )
-    loader = training_loader(
-        list(job.shards),
-        config,
-        plan.worker_batch,
-        rank=rank,
-        world_size=job.ranks,
-        num_workers=job.loader_workers,
-    )
-    batches, contrastive = iter(loader), []
-    for _ in range(plan.total_steps):
-        terms = step_fn(next(batches).to(device), plan.micro_batches)
-        contrastive.append(terms.contrastive.item())
+
+    def open_start() -> tuple[TrainStep, Iterator[Batch]]:
+        step_fn = build_train_step(
+            build_model(config.model).to(device),
+            config,
+            total_steps=plan.total_steps,
+            device_type=device.type,
+            wrap=DistributedDataParallel if dist.is_initialized() else None,
+        )
+        loader = training_loader(
+            list(job.shards),
+            config,
+            plan.worker_batch,
+            rank=rank,
+            world_size=job.ranks,
+            num_workers=job.loader_workers,
+        )
+        return step_fn, iter(loader)
+
+    def train_step(step_fn: TrainStep, batches: Iterator[Batch]) -> StepRecord:
+        return timed_step(step_fn, batches, device=device, micro_batches=plan.micro_batches)
+
+    start, _ = choose_start(config.train, rank=rank, open_start=open_start, step=train_step)
+    records = start.records + [
+        train_step(start.step_fn, start.batches)
+        for _ in range(len(start.records), plan.total_steps)
+    ]
+    model = start.step_fn.segclip
+    contrastive = [record.losses["loss/contrastive"] for record in records]
     return model, contrastive
 
 

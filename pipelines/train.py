@@ -46,6 +46,8 @@ def settings(config: SegCLIPConfig) -> dict[str, Any]:
     }
     if not config.loss.caption_word_weight:  # off, its words change nothing: keys stay as before
         keyed["loss"] = {k: v for k, v in keyed["loss"].items() if not k.startswith("caption_word")}
+    if config.train.start_trials == 1:  # one start: its trial length changes nothing
+        keyed["train"] = {k: v for k, v in keyed["train"].items() if not k.startswith("start_")}
     keyed["runtime"] = config.runtime.model_dump(mode="json", include=set(TRAIN_KEY_RUNTIME))
     keyed["sample_stream_version"] = SAMPLE_STREAM_VERSION
     return keyed

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +28,12 @@ from segclip.data.loader import training_loader
 from segclip.model import build_model
 from segclip.storage import location
 from segclip.tracking import log_metrics
-from segclip.train import TrainStep, build_train_step
+from segclip.train import Batch, TrainStep, build_train_step
 from segclip.train.metric_window import MetricWindow, progress_line
 from segclip.train.plan import TrainPlan
+from segclip.train.starts import choose_start, start_line, start_metrics
 from segclip.train.state import load_training_state, reseed_for_resume, save_training_state
+from segclip.train.step import StepRecord, timed_step
 
 RESUMED = "training resumed at step"  # printed by rank 0, followed by the step and the total
 
@@ -70,16 +72,19 @@ def _maybe_inject_failure(payload: WorkerPayload, step: int) -> None:
     raise RuntimeError(f"injected failure at step {step} (runtime.inject_failure_at_step)")
 
 
-def _start_step(payload: WorkerPayload, step_fn: TrainStep) -> int:
-    """This run's latest checkpoint after a restart, else the run it extends, else 0."""
+def _resumes(payload: WorkerPayload) -> bool:
+    """Whether this run goes on from a checkpoint (after a restart, or of a run it extends)."""
+    return ray.train.get_checkpoint() is not None or bool(payload.start_from)
+
+
+def _resume_step(payload: WorkerPayload, step_fn: TrainStep) -> int:
+    """Restore this run's latest checkpoint after a restart, else the run it extends."""
     total = payload.plan.total_steps
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             return load_training_state(folder, step_fn, total)
-    if payload.start_from:
-        return load_training_state(payload.start_from, step_fn, total)
-    return 0
+    return load_training_state(payload.start_from, step_fn, total)
 
 
 def _group_nodes() -> list[str]:
@@ -99,20 +104,14 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     use_reserved_cpus()
-    torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
     device = ray.train.torch.get_device()
-    step_fn = _build(config, plan, device)
-    step = _start_step(payload, step_fn)
-    if step:
-        reseed_for_resume(config.train.seed, rank, step)
-    nodes = _group_nodes()
-    if step and rank == 0:
-        print(f"{RESUMED} {step} of {plan.total_steps}", flush=True)
+    client = MlflowClient(payload.tracking_uri) if rank == 0 and payload.run_id else None
+    window, metrics = MetricWindow(), {}
 
-    # Resampled shards: a restart draws a fresh stream (seeded by the step) rather than
-    # replaying the samples it has already seen.
-    batches = iter(
-        training_loader(
+    def batches_from(step: int) -> Iterator[Batch]:
+        # Resampled shards: a restart draws a fresh stream (seeded by the step) rather than
+        # replaying the samples it has already seen.
+        loader = training_loader(
             payload.shards,
             config,
             plan.worker_batch,
@@ -122,25 +121,52 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
             resampled=True,
             epoch=step,
         )
-    )
-    client = MlflowClient(payload.tracking_uri) if rank == 0 and payload.run_id else None
-    window, metrics = MetricWindow(), {}
-    while step < plan.total_steps:
-        start = time.perf_counter()
-        batch = next(batches).to(device)
-        fetched = time.perf_counter()
-        terms = step_fn(batch, plan.micro_batches)
-        window.add(terms, fetched - start, time.perf_counter() - fetched)
-        step += 1
-        if rank == 0:
-            _maybe_inject_failure(payload, step)
-        last = step == plan.total_steps
-        if step % runtime.log_every == 0 or last:
-            metrics = window.flush(config.train.global_batch_size, step_fn.optimizer)
+        return iter(loader)
+
+    def train_step(step_fn: TrainStep, batches: Iterator[Batch]) -> StepRecord:
+        return timed_step(step_fn, batches, device=device, micro_batches=plan.micro_batches)
+
+    def log(step: int, record: StepRecord) -> None:
+        nonlocal metrics
+        window.add(record)
+        if step % runtime.log_every == 0 or step == plan.total_steps:
+            metrics = window.flush(config.train.global_batch_size)
             if rank == 0:  # Ray forwards worker output: this is the driver's progress line
                 print(progress_line(step, plan.total_steps, metrics), flush=True)
             if client is not None:
                 log_metrics(client, payload.run_id, metrics, step)
+
+    if _resumes(payload):
+        torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
+        step_fn = _build(config, plan, device)
+        step = _resume_step(payload, step_fn)
+        reseed_for_resume(config.train.seed, rank, step)
+        if rank == 0:
+            print(f"{RESUMED} {step} of {plan.total_steps}", flush=True)
+        batches = batches_from(step)
+    else:
+        start, losses = choose_start(
+            config.train,
+            rank=rank,
+            open_start=lambda: (_build(config, plan, device), batches_from(0)),
+            step=train_step,
+        )
+        step_fn, batches, step = start.step_fn, start.batches, len(start.records)
+        if losses and rank == 0:
+            print(start_line(start, losses), flush=True)
+        if losses and client is not None:
+            log_metrics(client, payload.run_id, start_metrics(start, losses), step)
+        for done, record in enumerate(start.records, 1):  # the trial steps of the start kept
+            log(done, record)
+    nodes = _group_nodes()
+
+    while step < plan.total_steps:
+        record = train_step(step_fn, batches)
+        step += 1
+        if rank == 0:
+            _maybe_inject_failure(payload, step)
+        log(step, record)
+        last = step == plan.total_steps
         if step % runtime.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as folder:
                 if rank == 0:

@@ -160,6 +160,13 @@ class TrainConfig(_Section):
         None, ge=1, description="optimiser steps; null = epochs x (samples // global batch)"
     )
     seed: int = 0
+    start_trials: int = Field(
+        1,
+        ge=1,
+        description="starts (initial weights and noise) each trained start_trial_steps on the "
+        "same batches; the lowest loss goes on (segclip/train/starts.py). 1: the plain run",
+    )
+    start_trial_steps: int = Field(100, ge=2, description="steps each start is tried for")
 
 
 class EvalConfig(_Section):

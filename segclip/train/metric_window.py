@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import torch
-
-from segclip.losses import LossTerms
+from segclip.train.step import StepRecord
 
 
 class MetricWindow:
@@ -15,21 +13,23 @@ class MetricWindow:
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
         self.steps, self.waiting, self.computing = 0, 0.0, 0.0
+        self.lrs: dict[str, float] = {}
 
-    def add(self, terms: LossTerms, waiting: float, computing: float) -> None:
-        for name, value in terms.to_floats().items():
+    def add(self, record: StepRecord) -> None:
+        for name, value in record.losses.items():
             self.sums[name] += value
         self.steps += 1
-        self.waiting += waiting
-        self.computing += computing
+        self.waiting += record.waiting
+        self.computing += record.computing
+        self.lrs = record.lrs
 
-    def flush(self, global_batch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def flush(self, global_batch: int) -> dict[str, float]:
+        """The window's mean losses, its pace and the learning rates of its last step."""
         elapsed = self.waiting + self.computing
         metrics = {name: total / self.steps for name, total in self.sums.items()}
         metrics["samples_per_s"] = global_batch * self.steps / elapsed
         metrics["data_wait_fraction"] = self.waiting / elapsed
-        for group in optimizer.param_groups:
-            metrics[f"lr/{group['name']}"] = group["lr"]
+        metrics.update(self.lrs)
         self.__init__()
         return metrics
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -98,6 +99,28 @@ class TrainStep:
         if len(history) == 1:
             return history[0]
         return LossTerms(*(_mean([getattr(t, f.name) for t in history]) for f in fields(LossTerms)))
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one step logs: its loss terms, the learning rates it used, where its time went."""
+
+    losses: dict[str, float]  # `LossTerms.to_floats()`
+    lrs: dict[str, float]  # `lr/<group>`
+    waiting: float  # for the batch
+    computing: float
+
+
+def timed_step(
+    step_fn: TrainStep, batches: Iterator[Batch], *, device: torch.device, micro_batches: int
+) -> StepRecord:
+    """Fetch the next batch and train on it, timing both."""
+    start = time.perf_counter()
+    batch = next(batches).to(device)
+    fetched = time.perf_counter()
+    lrs = {f"lr/{group['name']}": group["lr"] for group in step_fn.optimizer.param_groups}
+    terms = step_fn(batch, micro_batches)
+    return StepRecord(terms.to_floats(), lrs, fetched - start, time.perf_counter() - fetched)
 
 
 def _mean(values: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -114,3 +114,21 @@ def test_one_seed_trains_the_same_weights_twice_and_another_seed_others(workdir,
     assert again_losses == losses and len(losses) == 4  # total and three terms, steps 2 and 4
     other_weights, _ = trained(workdir, seed=4)
     assert not same_weights(other_weights, weights)
+
+
+def test_the_best_of_two_starts_goes_on_and_both_are_logged(workdir, labels, tmp_path):
+    seeded = ("train.steps=6", "train.seed=6")
+    plain = train.run(configure(tmp_path, *seeded), [labels])
+    config = configure(workdir, *seeded, "train.start_trials=2", "train.start_trial_steps=2")
+    best = train.run(config, [labels])
+    client, run_id, losses = history(config, best)
+    assert [m.step for m in losses] == [2, 4, 6]  # the kept start's trial steps included
+    metrics = client.get_run(run_id).data.metrics
+    tried = [metrics["start/0/loss"], metrics["start/1/loss"]]
+    chosen = int(metrics["start/chosen"])
+    assert chosen == tried.index(min(tried)) and tried[0] != tried[1]
+    # Start 0 is the plain run's: where it won, the run is the plain run bit for bit.
+    weights = load_checkpoint(best.file("model")).state_dict()
+    assert same_weights(weights, load_checkpoint(plain.file("model")).state_dict()) == (chosen == 0)
+    _, _, plain_losses = history(configure(tmp_path, *seeded), plain)
+    assert ([m.value for m in losses] == [m.value for m in plain_losses]) == (chosen == 0)

@@ -43,6 +43,13 @@ def test_caption_words_change_the_train_key_only_when_their_term_has_a_weight():
     assert key("train", "loss.caption_words=[circle]", "loss.caption_word_weight=1") != weighted
 
 
+def test_trial_starts_change_the_train_key_only_when_there_are_several():
+    assert key("train", "train.start_trial_steps=7") == key("train")  # one start: keys as before
+    several = key("train", "train.start_trials=2")
+    assert several != key("train")
+    assert key("train", "train.start_trials=2", "train.start_trial_steps=7") != several
+
+
 def test_a_new_sample_stream_version_changes_the_train_key(monkeypatch):
     before = key("train")
     monkeypatch.setattr(train, "SAMPLE_STREAM_VERSION", train.SAMPLE_STREAM_VERSION + 1)
