@@ -217,7 +217,7 @@ def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
     config = job_config(job)
     plan = plan_training(config, job.samples)
 
-    def open_start() -> tuple[TrainStep, Iterator[Batch]]:
+    def open_start(index: int) -> tuple[TrainStep, Iterator[Batch]]:
         step_fn = build_train_step(
             build_model(config.model).to(device),
             config,
@@ -232,6 +232,7 @@ def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
             rank=rank,
             world_size=job.ranks,
             num_workers=job.loader_workers,
+            stream=index,
         )
         return step_fn, iter(loader)
 

@@ -108,7 +108,7 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
     client = MlflowClient(payload.tracking_uri) if rank == 0 and payload.run_id else None
     window, metrics = MetricWindow(), {}
 
-    def batches_from(step: int) -> Iterator[Batch]:
+    def batches_from(step: int, stream: int = 0) -> Iterator[Batch]:
         # Resampled shards: a restart draws a fresh stream (seeded by the step) rather than
         # replaying the samples it has already seen.
         loader = training_loader(
@@ -120,6 +120,7 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
             num_workers=runtime.loader_workers,
             resampled=True,
             epoch=step,
+            stream=stream,
         )
         return iter(loader)
 
@@ -148,7 +149,7 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
         start, losses = choose_start(
             config.train,
             rank=rank,
-            open_start=lambda: (_build(config, plan, device), batches_from(0)),
+            open_start=lambda index: (_build(config, plan, device), batches_from(0, index)),
             step=train_step,
         )
         step_fn, batches, step = start.step_fn, start.batches, len(start.records)

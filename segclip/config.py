@@ -163,8 +163,8 @@ class TrainConfig(_Section):
     start_trials: int = Field(
         1,
         ge=1,
-        description="starts (initial weights and noise) each trained start_trial_steps on the "
-        "same batches; the lowest loss goes on (segclip/train/starts.py). 1: the plain run",
+        description="starts (initial weights, noise, samples) each trained start_trial_steps; "
+        "the lowest loss goes on (segclip/train/starts.py). 1: the plain run",
     )
     start_trial_steps: int = Field(100, ge=2, description="steps each start is tried for")
 

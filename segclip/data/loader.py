@@ -149,9 +149,11 @@ def training_samples(
     world_size: int = 1,
     resampled: bool = True,
     epoch: int = 0,
+    stream: int = 0,
 ) -> wds.DataPipeline:
-    """Per-sample stream of one rank; `epoch` reseeds shard order, crops and shuffling."""
-    seed = hash((config.train.seed, epoch))
+    """Per-sample stream of one rank; `epoch` reseeds shard order, crops and shuffling, and
+    so does `stream` k > 0, the samples of start k of a best-of-starts run (train/starts.py)."""
+    seed = hash((config.train.seed, epoch, stream) if stream else (config.train.seed, epoch))
     rank_seed = hash((seed, rank))
     return wds.DataPipeline(
         RankShards(shards, rank=rank, world_size=world_size, resampled=resampled, seed=seed),
@@ -172,10 +174,17 @@ def training_loader(
     num_workers: int = 2,
     resampled: bool = True,
     epoch: int = 0,
+    stream: int = 0,
 ) -> wds.WebLoader:
     """Batches for one rank; in epoch mode stop after `batches_per_epoch(...)` steps."""
     samples = training_samples(
-        shards, config, rank=rank, world_size=world_size, resampled=resampled, epoch=epoch
+        shards,
+        config,
+        rank=rank,
+        world_size=world_size,
+        resampled=resampled,
+        epoch=epoch,
+        stream=stream,
     )
     pipeline = samples.compose(wds.batched(batch_size, collation_fn=collate, partial=False))
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

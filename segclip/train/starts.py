@@ -4,11 +4,12 @@ Trained from scratch, the demo's tiny model falls, by its seed, into a slow star
 run in five: its loss trails the other seeds' from about step 60 and it ends with the
 lowest mIoU (docs/demo_study.md). That shows early, so a run can try `train.start_trials`
 starts (initial weights and the noise of the first steps), each for
-`train.start_trial_steps` steps on the same batches, and go on with the one whose mean loss
-over the second half of those steps is lowest: successive halving over starts, for
-(trials - 1) x trial steps more. Start 0 is the plain run's (seeded `train.seed + rank`) and
-the start that goes on keeps its own batches and random state, so a run whose start 0 wins
-is the plain run bit for bit.
+`train.start_trial_steps` steps on samples of its own, and go on with the one whose mean
+loss over the second half of those steps is lowest: successive halving over starts, for
+(trials - 1) x trial steps more. Each start draws its own samples because a seed's data
+order shapes its run as much as its initial weights do. Start 0 is the plain run's (seeded
+`train.seed + rank`, the plain sample stream) and the start that goes on keeps its own
+batches and random state, so a run whose start 0 wins is the plain run bit for bit.
 """
 
 from __future__ import annotations
@@ -45,23 +46,23 @@ def choose_start(
     train: TrainConfig,
     *,
     rank: int,
-    open_start: Callable[[], tuple[TrainStep, Iterator[Batch]]],
+    open_start: Callable[[int], tuple[TrainStep, Iterator[Batch]]],
     step: Callable[[TrainStep, Iterator[Batch]], StepRecord],
 ) -> tuple[Start, list[float]]:
     """The start a fresh run goes on from, and the loss of every start tried.
 
-    `open_start` builds a fresh model, optimiser and batch stream (the same batches for every
-    start) after torch has been seeded for that start; `step` trains one step. Every rank
-    takes the same decision: the losses are averaged over the ranks.
+    `open_start(k)` builds a fresh model, optimiser and start k's batch stream (start 0's is
+    the plain run's) after torch has been seeded for that start; `step` trains one step.
+    Every rank takes the same decision: the losses are averaged over the ranks.
     """
     if train.start_trials == 1:
         torch.manual_seed(start_seed(train.seed, rank, 0))
-        step_fn, batches = open_start()
+        step_fn, batches = open_start(0)
         return Start(0, step_fn, batches, [], float("nan")), []
     steps, best, losses = train.start_trial_steps, None, []
     for index in range(train.start_trials):
         torch.manual_seed(start_seed(train.seed, rank, index))
-        step_fn, batches = open_start()
+        step_fn, batches = open_start(index)
         records = [step(step_fn, batches) for _ in range(steps)]
         scored = records[steps // 2 :]
         loss = _mean_over_ranks(

@@ -135,6 +135,18 @@ def test_a_seed_gives_one_sample_order_and_crops_another_seed_others(shards):
     assert not any(np.array_equal(image, crop_of[key]) for key, image in other)
 
 
+def test_a_start_stream_is_its_own_and_stream_0_is_the_plain_one(shards):
+    def read(stream):
+        samples = training_samples(shards, seeded(0), resampled=False, stream=stream)
+        return [(s["__key__"], s["image"]) for s in samples]
+
+    plain, first = crops_read(shards, seeded(0)), read(1)
+    assert [k for k, _ in read(0)] == [k for k, _ in plain]
+    assert [k for k, _ in read(1)] == [k for k, _ in first] != [k for k, _ in plain]
+    crop_of = dict(plain)
+    assert not any(np.array_equal(image, crop_of[key]) for key, image in first)
+
+
 def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(shards):
     def batches(seed):
         return list(

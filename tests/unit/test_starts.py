@@ -1,5 +1,6 @@
-"""Best of several starts (segclip/train/starts.py): every start sees the same batches, the
-lowest second-half loss goes on, and it goes on exactly as a plain run from its seed would."""
+"""Best of several starts (segclip/train/starts.py): each start draws its own batches, the
+lowest second-half loss goes on, and it goes on exactly as a plain run from its seed and
+stream would."""
 
 import pytest
 import torch
@@ -26,9 +27,9 @@ def _config(trials: int) -> SegCLIPConfig:
     )
 
 
-def _batches(config: SegCLIPConfig):
-    """The same stream of small batches every time it is opened."""
-    generator = torch.Generator().manual_seed(11)
+def _batches(config: SegCLIPConfig, stream: int):
+    """Stream `stream` of small batches, the same every time it is opened."""
+    generator = torch.Generator().manual_seed(11 + stream)
     tokens = CaptionTokenizer(config.model)(["a red star", "two blue rings"])
     while True:
         yield Batch(
@@ -39,15 +40,17 @@ def _batches(config: SegCLIPConfig):
 
 
 class Opened:
-    """`open_start` for the tests: a fresh model and stream, counting how often it was called."""
+    """`open_start` for the tests: a fresh model and stream, recording which were opened."""
 
     def __init__(self, config: SegCLIPConfig) -> None:
-        self.config, self.calls = config, 0
+        self.config, self.streams = config, []
 
-    def __call__(self):
-        self.calls += 1
+    def __call__(self, stream: int):
+        self.streams.append(stream)
         model = build_model(self.config.model)
-        return build_train_step(model, self.config, total_steps=TOTAL_STEPS), _batches(self.config)
+        return build_train_step(model, self.config, total_steps=TOTAL_STEPS), _batches(
+            self.config, stream
+        )
 
 
 def _step(step_fn, batches):
@@ -58,7 +61,7 @@ def test_one_start_is_the_plain_run_seeded_from_the_seed():
     config = _config(trials=1)
     opened = Opened(config)
     start, losses = choose_start(config.train, rank=1, open_start=opened, step=_step)
-    assert (start.index, start.records, losses, opened.calls) == (0, [], [], 1)
+    assert (start.index, start.records, losses, opened.streams) == (0, [], [], [0])
     torch.manual_seed(SEED + 1)  # seed + rank
     assert same_weights(start.step_fn.segclip.state_dict(), build_model(config.model).state_dict())
 
@@ -67,7 +70,7 @@ def test_the_lowest_loss_goes_on_as_a_plain_run_from_its_own_seed():
     config = _config(trials=3)
     opened = Opened(config)
     start, losses = choose_start(config.train, rank=0, open_start=opened, step=_step)
-    assert opened.calls == 3 and len(losses) == 3
+    assert opened.streams == [0, 1, 2] and len(losses) == 3
     assert start.index == losses.index(min(losses))
     assert len(start.records) == TRIAL_STEPS
     second_half = [r.losses["loss/total"] for r in start.records[TRIAL_STEPS // 2 :]]
@@ -75,9 +78,9 @@ def test_the_lowest_loss_goes_on_as_a_plain_run_from_its_own_seed():
     for _ in range(TOTAL_STEPS - TRIAL_STEPS):
         _step(start.step_fn, start.batches)
 
-    # A plain run seeded as the start that went on, on the same batches, all its steps.
+    # A plain run seeded as the start that went on, on its batches, all its steps.
     torch.manual_seed(start_seed(SEED, 0, start.index))
-    step_fn, batches = Opened(config)()
+    step_fn, batches = Opened(config)(start.index)
     plain = [_step(step_fn, batches) for _ in range(TOTAL_STEPS)]
     kept = [(r.losses, r.lrs) for r in start.records]
     assert [(r.losses, r.lrs) for r in plain[:TRIAL_STEPS]] == kept
