@@ -55,15 +55,15 @@ def choose_start(
     the plain run's) after torch has been seeded for that start; `step` trains one step.
     Every rank takes the same decision: the losses are averaged over the ranks.
     """
-    if train.start_trials == 1:
-        torch.manual_seed(start_seed(train.seed, rank, 0))
-        step_fn, batches = open_start(0)
-        return Start(0, step_fn, batches, [], float("nan")), []
-    steps, best, losses = train.start_trial_steps, None, []
-    for index in range(train.start_trials):
+    trials = train.start_trials
+    steps = train.start_trial_steps if trials > 1 else 0  # one start: the plain run, untried
+    best, losses = None, []
+    for index in range(trials):
         torch.manual_seed(start_seed(train.seed, rank, index))
         step_fn, batches = open_start(index)
         records = [step(step_fn, batches) for _ in range(steps)]
+        if trials == 1:
+            return Start(index, step_fn, batches, records, float("nan")), losses
         scored = records[steps // 2 :]
         loss = _mean_over_ranks(
             sum(r.losses["loss/total"] for r in scored) / len(scored),
