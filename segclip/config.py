@@ -168,6 +168,23 @@ class TrainConfig(_Section):
     )
     start_trial_steps: int = Field(100, ge=2, description="steps each start is tried for")
 
+    def trials_problem(self, total_steps: int) -> str | None:
+        """What is wrong with trying several starts in a run of `total_steps`, if anything."""
+        if self.start_trials > 1 and self.start_trial_steps >= total_steps:
+            return (
+                f"train.start_trial_steps={self.start_trial_steps} leaves nothing of the run's "
+                f"{total_steps} steps after its {self.start_trials} trial starts; lower it or "
+                "set train.start_trials=1"
+            )
+        return None
+
+    @model_validator(mode="after")
+    def _check_trials(self) -> TrainConfig:
+        """A run of fixed length fails at once; one counted in epochs when its data is known."""
+        if self.steps is not None and (problem := self.trials_problem(self.steps)):
+            raise ValueError(problem)
+        return self
+
 
 class EvalConfig(_Section):
     """Zero-shot segmentation benchmarks (docs/method.md 6); the protocol fixes the method."""

@@ -46,12 +46,8 @@ def plan_training(config: SegCLIPConfig, samples: int) -> TrainPlan:
             "lower train.global_batch_size, ingest more data or set train.steps"
         )
     total_steps = config.train.steps or config.train.epochs * steps_per_epoch
-    trials, trial_steps = config.train.start_trials, config.train.start_trial_steps
-    if trials > 1 and trial_steps >= total_steps:
-        raise ConfigError(
-            f"train.start_trial_steps={trial_steps} leaves nothing of the run's {total_steps} "
-            f"steps after its {trials} trial starts; lower it or set train.start_trials=1"
-        )
+    if problem := config.train.trials_problem(total_steps):
+        raise ConfigError(problem)
     return TrainPlan(
         world_size=world,
         worker_batch=worker_batch,

@@ -108,9 +108,13 @@ def test_the_chosen_start_is_reported_with_every_loss():
 
 
 def test_trial_steps_must_leave_steps_to_train():
-    config = load_config("tiny", ["train.steps=100", "train.start_trials=2"])  # trials of 100
-    with pytest.raises(ConfigError, match="start_trial_steps=100 leaves nothing of the run's 100"):
-        plan_training(config, samples=10_000)
+    too_long = "start_trial_steps=100 leaves nothing of the run's 100 steps after its 2 trial"
+    with pytest.raises(ConfigError, match=too_long):  # a fixed length fails as it loads
+        load_config("tiny", ["train.steps=100", "train.start_trials=2"])
+    tried = load_config("tiny", ["train.global_batch_size=10", "train.start_trials=2"])
+    with pytest.raises(ConfigError, match=too_long):  # 1000 samples: one epoch of 100 steps
+        plan_training(tried, samples=1000)
+    assert plan_training(tried, samples=1010).total_steps == 101
     fewer = load_config(
         "tiny", ["train.steps=100", "train.start_trials=2", "train.start_trial_steps=99"]
     )
