@@ -4,8 +4,9 @@ and how it moves with the background threshold.
 Issue 18 asks for a demo recipe whose three seeds agree within 3 mIoU points. Each
 (recipe, seed) run trains in a process of its own with the library alone (no Ray, MLflow
 or Prefect: the same TrainStep, loader and Segmenter the stages use), on the superpixel
-shards and benchmark of a finished `make demo`, so a machine with many cores and a GPU
-runs several at once. By default one process trains with the whole global batch, so a
+shards and benchmark of a finished `make demo` (or of `benchmarks/demo_shards.py`, the same
+shards without Ray or img2dataset), so a machine with many cores and a GPU runs several at
+once. By default one process trains with the whole global batch, so a
 seed here draws other samples and crops than the same seed in `segclip run`; `--ranks 2
 --loader-workers 1 --device cpu` trains on two gloo ranks seeded and fed as the demo's
 two Ray Train workers are, and on one machine gives `make demo`'s model bit for bit. GPU
@@ -352,12 +353,15 @@ def write_heldout(folder: Path) -> str:
 
 def demo_inputs() -> tuple[list[tuple[str, int]], str]:
     """The superpixel shards (with their sample counts) and the benchmark folder of the newest
-    finished `make demo`."""
+    finished `make demo` or `demo_shards.py`."""
 
     def newest(pattern: str) -> Path:
         found = sorted(DEMO_WORKDIR.glob(pattern), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise SystemExit(f"no {DEMO_WORKDIR / pattern}: run `make demo` first")
+            raise SystemExit(
+                f"no {DEMO_WORKDIR / pattern}: run `make demo` first, or, where Ray and "
+                "img2dataset are not installed (a GPU machine), `python benchmarks/demo_shards.py`"
+            )
         return found[-1]
 
     superpixels = load_result(newest("superpixels/*/manifest.json").parent)

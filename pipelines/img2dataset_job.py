@@ -37,9 +37,9 @@ from segclip.data.images import (
     StoreRule,
     store_image,
 )
+from segclip.data.shards import SHARD_DIGITS
 from segclip.storage import location, remove_tree
 
-OOM_SHARD_COUNT = 5  # shard names of five digits, as img2dataset writes them
 HASH = "sha256"
 DISTRIBUTORS: dict[str, Callable[..., None]] = {
     "multiprocessing": multiprocessing_distributor,
@@ -124,7 +124,7 @@ def download_list(
         column_list=reader.column_list,
         timeout=timeout,
         number_sample_per_shard=samples_per_shard,
-        oom_shard_count=OOM_SHARD_COUNT,
+        oom_shard_count=SHARD_DIGITS,
         compute_hash=HASH,
         verify_hash_type=None,
         encode_format="jpg",
@@ -216,12 +216,12 @@ class ShardConverter:
         shard_id, source = row
         start, status = time.time(), CappedCounter()
         writer = WebDatasetSampleWriter(
-            shard_id, self.shard_folder, True, OOM_SHARD_COUNT, CONVERTED_SCHEMA, "jpg"
+            shard_id, self.shard_folder, True, SHARD_DIGITS, CONVERTED_SCHEMA, "jpg"
         )
         count = successes = 0
         try:
             for position, (source_key, members) in enumerate(_stream_samples(source)):
-                key = compute_key(position, shard_id, self.oom_samples, OOM_SHARD_COUNT)
+                key = compute_key(position, shard_id, self.oom_samples, SHARD_DIGITS)
                 count += 1
                 successes += self._write(writer, key, f"{source}#{source_key}", members, status)
         except (tarfile.TarError, OSError, EOFError):
@@ -231,7 +231,7 @@ class ShardConverter:
         writer.close()
         write_stats(
             self.shard_folder, shard_id, count, successes, 0, count - successes,
-            start, time.time(), status, OOM_SHARD_COUNT,
+            start, time.time(), status, SHARD_DIGITS,
         )  # fmt: skip
         return True, row
 

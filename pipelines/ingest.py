@@ -28,17 +28,17 @@ from upath import UPath
 from webdataset.tariterators import base_plus_ext
 
 from pipelines.ray_runtime import connect, node_ip, ray_address
-from segclip.config import ConfigError, IngestConfig, SegCLIPConfig
+from segclip.config import ConfigError, SegCLIPConfig
 from segclip.data.demo_data import demo_data_key, write_demo_source
 from segclip.data.http_deadline import DEADLINE_EXCEEDED
-from segclip.data.images import REJECTIONS, SizePolicy, StoreRule
+from segclip.data.images import REJECTIONS, StoreRule
 from segclip.data.serve import serve_directory
+from segclip.data.shards import SHARD_DIR
 from segclip.data.url_lists import Pairs, read_pairs, write_url_list
 from segclip.manifest import DataRef, ShardRef, file_ref, json_digest
 from segclip.stage import Stage, StageContext, StageOutput
 from segclip.storage import atomic_write, fingerprint, local_folder, location
 
-SHARD_DIR = "shards"
 URL_LIST = "urls.parquet"
 REJECTED_LIST = "rejected.parquet"  # list rows set aside before downloading, with reasons
 FAILURES_FILE = "failures.parquet"  # every requested row that is not a sample, with its reason
@@ -72,19 +72,6 @@ def failure_reason(status: str, message: str | None) -> str:
         if message and (match := pattern.search(message)):
             return reason.format(*match.groups())
     return "download_error" if status == "failed_to_download" else "undecodable_image"
-
-
-def store_rule(ingest: IngestConfig) -> StoreRule:
-    return StoreRule(
-        image_size=ingest.image_size,
-        resize_mode=ingest.resize_mode,
-        quality=ingest.encode_quality,
-        policy=SizePolicy(
-            min_side=ingest.min_image_size,
-            max_pixels=ingest.max_image_pixels,
-            max_aspect_ratio=ingest.max_aspect_ratio,
-        ),
-    )
 
 
 def _shard_rows(output_dir: UPath) -> pd.DataFrame:
@@ -189,7 +176,7 @@ def _download(config: SegCLIPConfig, output_dir: UPath, pairs: Iterable[Pairs]) 
     download_list(
         str(output_dir / "source" / URL_LIST),
         str(output_dir / SHARD_DIR),
-        rule=store_rule(ingest),
+        rule=StoreRule.for_ingest(ingest),
         samples_per_shard=ingest.samples_per_shard,
         threads=runtime.ingest_threads,
         timeout=ingest.timeout,
@@ -344,7 +331,9 @@ def _convert_shards(config: SegCLIPConfig, output_dir: UPath) -> StageOutput:
     finished = done_shards(folder)
     rows = [(i, str(s)) for i, s in enumerate(_shard_files(config)) if i not in finished]
     converter = ShardConverter(
-        rule=store_rule(ingest), shard_folder=folder, samples_per_shard=ingest.samples_per_shard
+        rule=StoreRule.for_ingest(ingest),
+        shard_folder=folder,
+        samples_per_shard=ingest.samples_per_shard,
     )
     run_job(
         converter,

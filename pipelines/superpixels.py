@@ -16,11 +16,10 @@ import ray
 
 from pipelines.ray_runtime import connect, node_id
 from segclip.config import DataConfig, SegCLIPConfig
-from segclip.data.shards import ShardReport, report_path, superpixel_shard
+from segclip.data.shards import SHARD_DIR, ShardReport, report_path, superpixel_shard
 from segclip.manifest import DataRef, ShardRef, load_result
 from segclip.stage import Stage, StageContext, StageOutput
 
-SHARD_DIR = "shards"
 # The DataConfig fields the label maps depend on; the crop and patch settings act at training.
 SETTINGS = (
     "superpixel_method",

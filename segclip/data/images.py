@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from segclip.config import IngestConfig
+
 # Shard member names of images, in order of preference when a sample has several.
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited on
@@ -77,6 +79,20 @@ class StoreRule:
     resize_mode: ResizeMode = "keep_ratio"
     quality: int = 95
     policy: SizePolicy = SizePolicy()
+
+    @classmethod
+    def for_ingest(cls, ingest: IngestConfig) -> StoreRule:
+        """The ingest stage's rule, which every stored image of a run follows."""
+        return cls(
+            image_size=ingest.image_size,
+            resize_mode=ingest.resize_mode,
+            quality=ingest.encode_quality,
+            policy=SizePolicy(
+                min_side=ingest.min_image_size,
+                max_pixels=ingest.max_image_pixels,
+                max_aspect_ratio=ingest.max_aspect_ratio,
+            ),
+        )
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ COUNT_MEMBER = "superpixels.cls"
 # One fixed member time: the same input gives the same shard bytes, and tar headers need no
 # per-member pax record for a fractional time (half the training loader's tar parsing).
 MEMBER_MTIME = 0
+SHARD_DIGITS = 5  # shard names and the shard part of sample keys, as img2dataset writes them
+SHARD_DIR = "shards"  # a stage's shards, in its folder
 MAX_SEGMENTS = np.iinfo(np.uint16).max + 1
 
 

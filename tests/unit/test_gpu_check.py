@@ -1,6 +1,8 @@
-"""benchmarks/gpu_check.py in its CPU smoke mode, importing only what the GPU machine has."""
+"""benchmarks/gpu_check.py in its CPU smoke mode, and the demo screen's data, importing only
+what the GPU machine has."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from segclip.data.voc import SPLIT_DIR
 
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
@@ -126,3 +130,16 @@ def test_a_failing_check_is_reported_and_the_next_one_still_runs(monkeypatch, ca
 def test_the_simulated_gpu_machine_lacks_what_the_image_lacks(gpu_machine):
     done = run_on(gpu_machine, "-c", "import ray")
     assert "No module named 'ray'" in done.stderr
+
+
+def test_the_demo_shards_build_with_only_the_gpu_machines_packages(gpu_machine, tmp_path):
+    small = ["demo.train_images=10", "ingest.samples_per_shard=4", "demo.image_size=64"]
+    settings = [f"runtime.workdir={tmp_path}", *small, "ingest.image_size=64"]
+    done = run_on(gpu_machine, "benchmarks/demo_shards.py", *settings, "demo.benchmark_images=2")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    folder = next((tmp_path / "superpixels").iterdir())
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [shard["samples"] for shard in manifest["shards"]] == [4, 4, 2]
+    assert f"superpixels {folder} (10 samples in 3 shards)" in done.stdout
+    benchmark = next((tmp_path / "benchmarks").iterdir())
+    assert (benchmark / SPLIT_DIR / "val.txt").read_text().split() == ["demo_000000", "demo_000001"]
