@@ -9,7 +9,6 @@ TINY_RUN = [
     "ingest.samples_per_shard=16",
     "runtime.ingest_processes=1",
     "train.steps=3",
-    "train.start_trials=1",  # the demo tries three starts of 100 steps (test_train tests them)
     "train.global_batch_size=8",
     "runtime.log_every=1",
     "demo.benchmark_images=4",
