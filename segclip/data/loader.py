@@ -34,6 +34,7 @@ from segclip.storage import location
 
 # Bump when a seed's samples (order or crops) change, so no training run reuses older weights.
 SAMPLE_STREAM_VERSION = 2
+LOADER_START = "spawn"  # how loader processes start (training_loader says why not a fork)
 
 
 def shards_for_rank(shards: Sequence[str], rank: int, world_size: int) -> list[str]:
@@ -176,7 +177,12 @@ def training_loader(
     epoch: int = 0,
     stream: int = 0,
 ) -> wds.WebLoader:
-    """Batches for one rank; in epoch mode stop after `batches_per_epoch(...)` steps."""
+    """Batches for one rank; in epoch mode stop after `batches_per_epoch(...)` steps.
+
+    Loader processes start from a fresh interpreter, not a fork: a Ray Train worker runs
+    many threads, and a fork can copy a lock one of them holds, leaving the loader process
+    hung before its first batch and the step waiting on it forever (seen in the sweep test).
+    """
     samples = training_samples(
         shards,
         config,
@@ -187,4 +193,9 @@ def training_loader(
         stream=stream,
     )
     pipeline = samples.compose(wds.batched(batch_size, collation_fn=collate, partial=False))
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        multiprocessing_context=LOADER_START if num_workers else None,
+    )

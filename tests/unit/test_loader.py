@@ -162,6 +162,9 @@ def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(s
         )
 
     assert keys_read(shards, seeded(0), 0, 1, 2) == keys_read(shards, seeded(0), 0, 1, 2)
+    # loader processes start fresh: a fork of a Ray Train worker's threads can hang them
+    [torch_loader] = training_loader(shards, seeded(0), batch_size=2, num_workers=2).pipeline
+    assert torch_loader.multiprocessing_context.get_start_method() == "spawn"
     first = batches(0)
     assert same(batches(0), first)
     assert not any(torch.equal(x.images, y.images) for x, y in zip(batches(1), first, strict=True))
