@@ -48,13 +48,13 @@ def ingest_shard(config: SegCLIPConfig, shard: int, target: Path) -> None:
     """The ingest stage's shard `shard` of the demo scenes: the PNG each scene is served as,
     stored by the ingest's rule."""
     per_shard, demo = config.ingest.samples_per_shard, config.demo
-    first = shard * per_shard
+    first, rule = shard * per_shard, StoreRule.for_ingest(config.ingest)
     with wds.TarWriter(str(target)) as sink:
         for position, index in enumerate(range(first, min(first + per_shard, demo.train_images))):
             scene = demo_scene(demo.seed, index, demo.image_size)
             png = io.BytesIO()
             Image.fromarray(scene.image).save(png, format="PNG")  # as write_demo_source saves it
-            stored = store_image(png.getvalue(), StoreRule.for_ingest(config.ingest))
+            stored = store_image(png.getvalue(), rule)
             key = sample_key(shard, position, per_shard)
             record = {
                 "caption": scene.caption,
