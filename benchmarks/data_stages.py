@@ -28,7 +28,7 @@ from segclip.config import DemoDataConfig, load_config
 from segclip.data.demo_data import usable_cpus, write_demo_source
 from segclip.data.loader import training_loader
 from segclip.data.serve import serve_directory
-from segclip.data.shards import superpixel_shard
+from segclip.data.shards import shard_name, superpixel_shard
 from segclip.manifest import load_result
 from segclip.model import build_model
 from segclip.train import build_train_step
@@ -103,7 +103,7 @@ def bench_superpixels(root: Path, ingest_dir: str, args: argparse.Namespace) -> 
     config = load_config("paper")
     start = time.perf_counter()
     for index, shard in enumerate(upstream.shard_urls):
-        superpixel_shard(shard, root / "single" / f"{index:05d}.tar", config.data)
+        superpixel_shard(shard, root / "single" / shard_name(index), config.data)
     single_s = time.perf_counter() - start
     overrides = [f"runtime.workdir={root / 'spx'}"]
     stage_s, output = timed(stage_command("superpixels", upstream.ref.model_dump_json(), overrides))

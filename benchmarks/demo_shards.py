@@ -32,7 +32,7 @@ import segclip  # noqa: F401  (torchvision fix before open_clip)
 from segclip.config import SegCLIPConfig, load_config
 from segclip.data.demo_data import demo_data_key, demo_scene, usable_cpus, write_demo_benchmark
 from segclip.data.images import StoreRule, store_image
-from segclip.data.shards import SHARD_DIGITS, SHARD_DIR, superpixel_shard
+from segclip.data.shards import SHARD_DIGITS, SHARD_DIR, shard_name, superpixel_shard
 from segclip.manifest import Manifest, ShardRef, json_digest, read_result, write_manifest
 from segclip.storage import location
 
@@ -72,9 +72,9 @@ def ingest_shard(config: SegCLIPConfig, shard: int, target: Path) -> None:
 
 def build_shard(config: SegCLIPConfig, folder: Path, shard: int) -> int:
     with tempfile.TemporaryDirectory() as scratch:
-        source = Path(scratch) / f"{shard:05d}.tar"
+        source = Path(scratch) / shard_name(shard)
         ingest_shard(config, shard, source)
-        target = folder / SHARD_DIR / f"{shard:05d}.tar"
+        target = folder / SHARD_DIR / shard_name(shard)
         return superpixel_shard(str(source), target, config.data).samples
 
 
@@ -104,7 +104,9 @@ def rebuild(config: SegCLIPConfig) -> tuple[Path, Path]:
         key=key,
         config=settings,
         counts={"samples": sum(counts), "shards": shards},
-        shards=[ShardRef(path=f"{SHARD_DIR}/{i:05d}.tar", samples=n) for i, n in enumerate(counts)],
+        shards=[
+            ShardRef(path=f"{SHARD_DIR}/{shard_name(i)}", samples=n) for i, n in enumerate(counts)
+        ],
         timings={"rebuild": time.perf_counter() - start},
     )
     write_manifest(location(folder), manifest)

@@ -33,7 +33,7 @@ from segclip.data.demo_data import demo_data_key, write_demo_source
 from segclip.data.http_deadline import DEADLINE_EXCEEDED
 from segclip.data.images import REJECTIONS, StoreRule
 from segclip.data.serve import serve_directory
-from segclip.data.shards import SHARD_DIR
+from segclip.data.shards import SHARD_DIR, shard_name
 from segclip.data.url_lists import Pairs, read_pairs, write_url_list
 from segclip.manifest import DataRef, ShardRef, file_ref, json_digest
 from segclip.stage import Stage, StageContext, StageOutput
@@ -81,7 +81,7 @@ def _shard_rows(output_dir: UPath) -> pd.DataFrame:
     folder = output_dir / SHARD_DIR
     tables = []
     for shard_id in sorted(done_shards(str(folder))):
-        with (folder / f"{shard_id:05d}.parquet").open("rb") as table_file:
+        with (folder / shard_name(shard_id, ".parquet")).open("rb") as table_file:
             table = pd.read_parquet(table_file, columns=ROW_COLUMNS)
         tables.append(table.assign(shard=shard_id))
     return (
@@ -117,7 +117,7 @@ def collect_shards(output_dir: UPath, *, dedup_content: bool) -> StageOutput:
         repeated = ok & rows[HASH].notna() & rows[HASH].duplicated()
         rows.loc[repeated, "reason"] = "duplicate_content"
         for shard_id, keys in rows[repeated].groupby("shard")["key"]:
-            _drop_members(output_dir / SHARD_DIR / f"{shard_id:05d}.tar", set(keys))
+            _drop_members(output_dir / SHARD_DIR / shard_name(shard_id), set(keys))
     failed = rows[rows["reason"].notna()][["url", "caption", "reason"]]
     rejected_file = output_dir / "source" / REJECTED_LIST
     if rejected_file.exists():
@@ -127,7 +127,7 @@ def collect_shards(output_dir: UPath, *, dedup_content: bool) -> StageOutput:
         failed.reset_index(drop=True).to_parquet(scratch, index=False)
     samples = rows[rows["reason"].isna()].groupby("shard").size()
     shards = [
-        ShardRef(path=f"{SHARD_DIR}/{shard_id:05d}.tar", samples=int(count))
+        ShardRef(path=f"{SHARD_DIR}/{shard_name(shard_id)}", samples=int(count))
         for shard_id, count in samples.items()
     ]
     return _summary(shards, Counter(failed["reason"]))

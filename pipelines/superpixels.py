@@ -16,7 +16,7 @@ import ray
 
 from pipelines.ray_runtime import connect, node_id
 from segclip.config import DataConfig, SegCLIPConfig
-from segclip.data.shards import SHARD_DIR, ShardReport, report_path, superpixel_shard
+from segclip.data.shards import SHARD_DIR, ShardReport, report_path, shard_name, superpixel_shard
 from segclip.manifest import DataRef, ShardRef, load_result
 from segclip.stage import Stage, StageContext, StageOutput
 
@@ -44,7 +44,7 @@ def _ingest_shards(config: SegCLIPConfig, inputs: list[DataRef]) -> list[str]:
 
 def _superpixel_shards(context: StageContext[list[str]]) -> StageOutput:
     config, output_dir, sources = context.config, context.output_dir, context.prepared
-    targets = [output_dir / SHARD_DIR / f"{index:05d}.tar" for index in range(len(sources))]
+    targets = [output_dir / SHARD_DIR / shard_name(index) for index in range(len(sources))]
     todo = [
         {"source": source, "target": str(target)}
         for source, target in zip(sources, targets, strict=True)

@@ -36,6 +36,11 @@ SHARD_DIR = "shards"  # a stage's shards, in its folder
 MAX_SEGMENTS = np.iinfo(np.uint16).max + 1
 
 
+def shard_name(index: int, suffix: str = ".tar") -> str:
+    """A shard's file name (or its side table's, by suffix), as img2dataset names them."""
+    return f"{index:0{SHARD_DIGITS}d}{suffix}"
+
+
 class ShardReport(BaseModel):
     """Written beside a finished output shard; its presence marks the shard done."""
 
