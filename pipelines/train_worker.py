@@ -31,7 +31,7 @@ from segclip.tracking import log_metrics
 from segclip.train import Batch, TrainStep, build_train_step
 from segclip.train.metric_window import MetricWindow, progress_line
 from segclip.train.plan import TrainPlan
-from segclip.train.starts import choose_start, start_line, start_metrics
+from segclip.train.starts import choose_start, start_line, start_metrics, start_seed
 from segclip.train.state import load_training_state, reseed_for_resume, save_training_state
 from segclip.train.step import StepRecord, timed_step
 
@@ -138,7 +138,7 @@ def train_worker(loop_config: dict[str, WorkerPayload]) -> None:
                 log_metrics(client, payload.run_id, metrics, step)
 
     if _resumes(payload):
-        torch.manual_seed(config.train.seed + rank)  # DDP broadcasts rank 0's initial weights
+        torch.manual_seed(start_seed(config.train.seed, rank, 0))  # DDP broadcasts rank 0's
         step_fn = _build(config, plan, device)
         step = _resume_step(payload, step_fn)
         reseed_for_resume(config.train.seed, rank, step)
