@@ -6,9 +6,16 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from skimage.segmentation import felzenszwalb, slic
+from skimage.segmentation import slic
 
 from segclip.config import DataConfig
+
+try:
+    from segclip.data.felzenszwalb import felzenszwalb
+except ModuleNotFoundError as missing:  # a lent GPU machine has no numba (too large to carry)
+    if missing.name != "numba":
+        raise
+    from skimage.segmentation import felzenszwalb  # the same labels, three times slower
 
 
 def _felzenszwalb(image: np.ndarray, config: DataConfig) -> np.ndarray:

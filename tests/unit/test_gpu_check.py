@@ -130,6 +130,10 @@ def test_a_failing_check_is_reported_and_the_next_one_still_runs(monkeypatch, ca
 def test_the_simulated_gpu_machine_lacks_what_the_image_lacks(gpu_machine):
     done = run_on(gpu_machine, "-c", "import ray")
     assert "No module named 'ray'" in done.stderr
+    # nor numba (too large to carry): the superpixels fall back to scikit-image's, same labels
+    probe = "import segclip.data.superpixels as s; print(s.felzenszwalb.__module__)"
+    done = run_on(gpu_machine, "-c", probe)
+    assert done.stdout.strip() == "skimage.segmentation._felzenszwalb", done.stderr[-2000:]
 
 
 def test_the_demo_shards_build_with_only_the_gpu_machines_packages(gpu_machine, tmp_path):
