@@ -20,30 +20,15 @@ from scipy import ndimage
 from skimage.util import img_as_float64
 
 
-@numba.njit(cache=True, nogil=True)
-def edge_costs(image: np.ndarray) -> np.ndarray:
-    """(H, W, C) float64 -> the cost of every edge, right, down, down-right, up-right edges
-    in turn, each group in raster order of its first pixel."""
-    height, width, channels = image.shape
-    steps = ((0, 1, 0, 0), (1, 0, 0, 0), (1, 1, 0, 0), (1, 0, 0, 1))  # (dy, dx) of both ends
-    counts = (height * (width - 1), (height - 1) * width, (height - 1) * (width - 1))
-    costs = np.empty(counts[0] + counts[1] + 2 * counts[2])
-    k = 0
-    for dy1, dx1, dy0, dx0 in steps:
-        for y in range(height - max(dy1, dy0)):
-            for x in range(width - max(dx1, dx0)):
-                total = 0.0
-                for c in range(channels):
-                    d = image[y + dy1, x + dx1, c] - image[y + dy0, x + dx0, c]
-                    total += d * d
-                costs[k] = np.sqrt(total)
-                k += 1
-    return costs
+@numba.njit(cache=True)
+def _edge_count(height: int, width: int) -> int:
+    return height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)
 def _edge_ends(edge: int, height: int, width: int) -> tuple[int, int]:
-    """The two pixels (flat indices) of an edge numbered as in `edge_costs`."""
+    """The two pixels (flat indices) of an edge: right, down, down-right, then up-right
+    edges, each kind in raster order of the pixel it starts from."""
     right, down = height * (width - 1), (height - 1) * width
     if edge < right:
         y, x = divmod(edge, width - 1)
@@ -54,14 +39,30 @@ def _edge_ends(edge: int, height: int, width: int) -> tuple[int, int]:
         return (y + 1) * width + x, y * width + x
     edge -= down
     diagonal = (height - 1) * (width - 1)
-    up = edge >= diagonal  # down-right edges, then up-right ones
+    up = edge >= diagonal
     y, x = divmod(edge - diagonal * up, width - 1)
     if up:
         return y * width + x + 1, (y + 1) * width + x
     return (y + 1) * width + x + 1, y * width + x
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)
+def edge_costs(image: np.ndarray) -> np.ndarray:
+    """(H, W, C) float64 -> each edge's Euclidean distance between its pixels' values."""
+    height, width, channels = image.shape
+    pixels = image.reshape(height * width, channels)
+    costs = np.empty(_edge_count(height, width))
+    for edge in range(costs.shape[0]):
+        p, q = _edge_ends(edge, height, width)
+        total = 0.0
+        for c in range(channels):
+            difference = pixels[p, c] - pixels[q, c]
+            total += difference * difference
+        costs[edge] = np.sqrt(total)
+    return costs
+
+
+@numba.njit(cache=True)
 def _root(parent: np.ndarray, node: int) -> int:
     root = node
     while parent[root] != root:
@@ -71,7 +72,7 @@ def _root(parent: np.ndarray, node: int) -> int:
     return root
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)
 def _join(parent: np.ndarray, size: np.ndarray, a: int, b: int) -> int:
     """Union by size of two roots; returns the new root."""
     if size[a] < size[b]:
@@ -81,7 +82,7 @@ def _join(parent: np.ndarray, size: np.ndarray, a: int, b: int) -> int:
     return a
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True)
 def _segment(
     order: np.ndarray, costs: np.ndarray, height: int, width: int, k: float, min_size: int
 ) -> np.ndarray:
