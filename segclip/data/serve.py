@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -56,6 +57,9 @@ class _StoreHandler(BaseHTTPRequestHandler):
 
 class _FolderServer(ThreadingHTTPServer):
     daemon_threads = True
+    # img2dataset opens (download threads x processes) connections at once, 64 for the demo;
+    # socketserver's backlog of 5 dropped the rest, and each retried after 1, 3 or 7 s
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, root: UPath, host: str) -> None:
         super().__init__((host, 0), _StoreHandler)

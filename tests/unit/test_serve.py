@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from segclip.data.serve import serve_directory
+from segclip.data.serve import _FolderServer, serve_directory
+from segclip.storage import location
 
 
 def test_serves_files_byte_for_byte(tmp_path: Path) -> None:
@@ -33,6 +34,22 @@ def test_serves_on_the_given_address_only(tmp_path: Path) -> None:
         port = int(base.rstrip("/").rsplit(":", 1)[1])
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=2)
+
+
+def test_a_burst_of_connections_waits_in_the_listen_queue(tmp_path: Path) -> None:
+    """img2dataset opens its download threads x processes connections at once (64 in the
+    demo). With socketserver's backlog of 5 the kernel dropped the rest, which retried 1 to
+    7 s later. The server here accepts nothing, so every connection must queue."""
+    server = _FolderServer(location(tmp_path), "127.0.0.1")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(64):
+            clients.append(socket.create_connection(server.server_address, timeout=1))
+    finally:
+        for client in clients:
+            client.close()
+        server.server_close()
+    assert len(clients) == 64
 
 
 def test_client_hang_up_mid_transfer_prints_no_traceback(
