@@ -8,15 +8,16 @@ shards and benchmark of a finished `make demo` (or of `benchmarks/demo_shards.py
 shards without Ray or img2dataset), so a machine with many cores and a GPU runs several at
 once. By default one process trains with the whole global batch, so a
 seed here draws other samples and crops than the same seed in `segclip run`; `--ranks 2
---loader-workers 1 --device cpu` trains on two gloo ranks seeded and fed as the demo's
-two Ray Train workers are, and on one machine gives `make demo`'s model bit for bit. GPU
+--loader-workers 0 --device cpu` trains on two gloo ranks seeded and fed as the demo's
+two Ray Train workers are, and on one machine gives `make demo`'s model bit for bit (so
+does `--loader-workers 1`: one loader process per rank reads the same batches). GPU
 kernels are not bit-reproducible: read the spread, not one seed's number. Each run is also
 scored on held-out scenes (a third scene seed, never the benchmark's), and the threshold
 best there is the one a recipe change may adopt.
 
     python benchmarks/demo_recipes.py --recipes demo:500 shape_captions:800 --seeds 0 1 2
     python benchmarks/demo_recipes.py --processes 8 --device cuda --recipes demo batch_32
-    python benchmarks/demo_recipes.py --ranks 2 --loader-workers 1 --device cpu
+    python benchmarks/demo_recipes.py --ranks 2 --loader-workers 0 --device cpu
 """
 
 from __future__ import annotations

@@ -147,18 +147,19 @@ def test_a_start_stream_is_its_own_and_stream_0_is_the_plain_one(shards):
     assert not any(np.array_equal(image, crop_of[key]) for key, image in first)
 
 
+def same_batches(a: list, b: list) -> bool:
+    return all(
+        torch.equal(x.images, y.images)
+        and torch.equal(x.tokens, y.tokens)
+        and torch.equal(x.superpixels, y.superpixels)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
 def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(shards):
     def batches(seed):
         return list(
             training_loader(shards, seeded(seed), batch_size=2, num_workers=2, resampled=False)
-        )
-
-    def same(a, b):
-        return all(
-            torch.equal(x.images, y.images)
-            and torch.equal(x.tokens, y.tokens)
-            and torch.equal(x.superpixels, y.superpixels)
-            for x, y in zip(a, b, strict=True)
         )
 
     assert keys_read(shards, seeded(0), 0, 1, 2) == keys_read(shards, seeded(0), 0, 1, 2)
@@ -166,8 +167,22 @@ def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(s
     [torch_loader] = training_loader(shards, seeded(0), batch_size=2, num_workers=2).pipeline
     assert torch_loader.multiprocessing_context.get_start_method() == "spawn"
     first = batches(0)
-    assert same(batches(0), first)
+    assert same_batches(batches(0), first)
     assert not any(torch.equal(x.images, y.images) for x, y in zip(batches(1), first, strict=True))
+
+
+def test_loading_in_the_ranks_own_process_gives_one_loader_processs_batches(shards):
+    """The demo loads in each rank (runtime.loader_workers 0) with the batches, and so the
+    model, of one loader process per rank."""
+
+    def batches(workers):
+        loader = training_loader(
+            shards, seeded(0), batch_size=2, num_workers=workers, resampled=False
+        )
+        return list(loader)
+
+    inline = batches(0)
+    assert len(inline) > 1 and same_batches(inline, batches(1))
 
 
 def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config):
