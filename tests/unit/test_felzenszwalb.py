@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 from skimage import segmentation
+from skimage.filters import gaussian
 
 from segclip.data.felzenszwalb import edge_costs, felzenszwalb
 from segclip.data.scenes import render_scene
@@ -71,8 +72,6 @@ def test_edge_costs_are_rgb_distances_right_down_then_diagonals() -> None:
 
 def test_smoothing_matches_scikit_images_gaussian() -> None:
     """The costs start from the smoothing scikit-image applies before its graph."""
-    from skimage.filters import gaussian
-
     image = np.random.default_rng(3).random((20, 24, 3))
     ours = ndimage.gaussian_filter(image, sigma=(0.9, 0.9, 0), mode="reflect", truncate=4.0)
     assert np.array_equal(ours, gaussian(image, sigma=0.9, mode="reflect", channel_axis=-1))
