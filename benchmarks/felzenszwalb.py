@@ -13,6 +13,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 from skimage import segmentation
@@ -22,7 +23,9 @@ from segclip.data.felzenszwalb import felzenszwalb
 from segclip.data.scenes import render_scene
 
 
-def per_image_ms(segment, images: list[np.ndarray]) -> tuple[float, list[np.ndarray]]:
+def per_image_ms(
+    segment: Callable[[np.ndarray], np.ndarray], images: list[np.ndarray]
+) -> tuple[float, list[np.ndarray]]:
     start = time.perf_counter()
     labels = [segment(image) for image in images]
     return (time.perf_counter() - start) / len(images) * 1e3, labels

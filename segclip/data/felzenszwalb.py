@@ -7,9 +7,10 @@ What makes the labels identical: the same smoothing and edge costs (a pixel's 8-
 graph, edges ordered right, down, down-right, up-right, each costing the Euclidean
 distance of the smoothed RGB values), the same `np.argsort` of the costs (its order of
 equal costs decides merges), a segment's threshold rounded to float32 as there, and
-segments numbered by their first pixel in raster order. That order of equal costs is the
-machine's: numpy sorts with AVX-512 where the CPU has it, so both implementations can label
-a few images differently on other CPUs (15 of 300 demo scenes, 0.05% of their pixels).
+segments numbered by their first pixel in raster order. Either implementation's labels
+depend on the CPU, though: numpy sorts with AVX-512 where the CPU has it, and orders equal
+costs otherwise without it (15 of 300 demo scenes labelled apart, 0.05% of their pixels;
+docs/demo_study.md).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _segment(
         )
         if costs[edge] < min(limit_a, limit_b):
             internal[_join(parent, size, a, b)] = costs[edge]
-    for edge in order:  # then every segment under min_size joins its cheapest neighbour
+    for edge in order:  # then a segment under min_size merges across its cheapest edges
         ends = _edge_ends(edge, height, width)
         a, b = _root(parent, ends[0]), _root(parent, ends[1])
         if a != b and (size[a] < min_size or size[b] < min_size):
@@ -119,10 +120,11 @@ def _segment(
 
 
 def felzenszwalb(image: np.ndarray, *, scale: float, sigma: float, min_size: int) -> np.ndarray:
-    """(H, W, C) image -> (H, W) int64 segment ids 0..n-1, as scikit-image's `felzenszwalb`."""
+    """(H, W[, C]) image -> (H, W) int64 segment ids 0..n-1, as scikit-image's `felzenszwalb`."""
     smooth = ndimage.gaussian_filter(
-        img_as_float64(image), sigma=(sigma, sigma, 0), mode="reflect", truncate=4.0
+        img_as_float64(np.atleast_3d(image)), sigma=(sigma, sigma, 0), mode="reflect", truncate=4.0
     )
     height, width = smooth.shape[:2]
     costs = edge_costs(np.ascontiguousarray(smooth))
-    return _segment(np.argsort(costs), costs, height, width, scale / 255.0, min_size)
+    k = float(scale) / 255.0  # a float32 scale would make every threshold float32
+    return _segment(np.argsort(costs), costs, height, width, k, int(min_size))

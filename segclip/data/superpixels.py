@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cache
 
 import numpy as np
 import torch
@@ -10,16 +11,23 @@ from skimage.segmentation import slic
 
 from segclip.config import DataConfig
 
-try:
-    from segclip.data.felzenszwalb import felzenszwalb
-except ModuleNotFoundError as missing:  # a lent GPU machine has no numba (too large to carry)
-    if missing.name != "numba":
-        raise
-    from skimage.segmentation import felzenszwalb  # the same labels, 2.5 times slower
+
+@cache
+def felzenszwalb_implementation() -> Callable[..., np.ndarray]:
+    """The compiled Felzenszwalb, or scikit-image's (the same labels, 2.5 times slower) where
+    numba is missing: a lent GPU machine, whose carry cannot hold it. Imported on first use,
+    as training ranks import this module for the patch ids alone."""
+    try:
+        from segclip.data.felzenszwalb import felzenszwalb
+    except ModuleNotFoundError as missing:
+        if missing.name != "numba":
+            raise
+        from skimage.segmentation import felzenszwalb
+    return felzenszwalb
 
 
 def _felzenszwalb(image: np.ndarray, config: DataConfig) -> np.ndarray:
-    return felzenszwalb(
+    return felzenszwalb_implementation()(
         image,
         scale=config.felzenszwalb_scale,
         sigma=config.felzenszwalb_sigma,

@@ -131,7 +131,9 @@ def test_the_simulated_gpu_machine_lacks_what_the_image_lacks(gpu_machine):
     done = run_on(gpu_machine, "-c", "import ray")
     assert "No module named 'ray'" in done.stderr
     # nor numba (too large to carry): the superpixels fall back to scikit-image's, same labels
-    probe = "import segclip.data.superpixels as s; print(s.felzenszwalb.__module__)"
+    probe = (
+        "import segclip.data.superpixels as s; print(s.felzenszwalb_implementation().__module__)"
+    )
     done = run_on(gpu_machine, "-c", probe)
     assert done.stdout.strip() == "skimage.segmentation._felzenszwalb", done.stderr[-2000:]
 

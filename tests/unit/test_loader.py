@@ -171,7 +171,7 @@ def test_loader_workers_give_a_seed_the_same_batches_twice_another_seed_others(s
     assert not any(torch.equal(x.images, y.images) for x, y in zip(batches(1), first, strict=True))
 
 
-def test_loading_in_the_ranks_own_process_gives_one_loader_processs_batches(shards):
+def test_loading_in_each_rank_gives_the_batches_of_one_loader_process(shards):
     """The demo loads in each rank (runtime.loader_workers 0) with the batches, and so the
     model, of one loader process per rank."""
 
