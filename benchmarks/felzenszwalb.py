@@ -21,6 +21,7 @@ from skimage import segmentation
 from segclip.config import load_config
 from segclip.data.felzenszwalb import felzenszwalb
 from segclip.data.scenes import render_scene
+from segclip.data.superpixels import felzenszwalb_parameters
 
 
 def per_image_ms(
@@ -37,12 +38,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--profile", default="demo")
     args = parser.parse_args()
-    config = load_config(args.profile).data
-    parameters = {
-        "scale": config.felzenszwalb_scale,
-        "sigma": config.felzenszwalb_sigma,
-        "min_size": config.felzenszwalb_min_size,
-    }
+    parameters = felzenszwalb_parameters(load_config(args.profile).data)
     print(f"python {shlex.join(['benchmarks/felzenszwalb.py', *sys.argv[1:]])}  {parameters}")
     print("| image px | scikit-image ms | compiled ms | speed-up | labels equal |")
     print("|---|---|---|---|---|")

@@ -26,13 +26,17 @@ def felzenszwalb_implementation() -> Callable[..., np.ndarray]:
     return felzenszwalb
 
 
+def felzenszwalb_parameters(config: DataConfig) -> dict[str, float]:
+    """The configured `scale`, `sigma` and `min_size`, as either implementation takes them."""
+    return {
+        "scale": config.felzenszwalb_scale,
+        "sigma": config.felzenszwalb_sigma,
+        "min_size": config.felzenszwalb_min_size,
+    }
+
+
 def _felzenszwalb(image: np.ndarray, config: DataConfig) -> np.ndarray:
-    return felzenszwalb_implementation()(
-        image,
-        scale=config.felzenszwalb_scale,
-        sigma=config.felzenszwalb_sigma,
-        min_size=config.felzenszwalb_min_size,
-    )
+    return felzenszwalb_implementation()(image, **felzenszwalb_parameters(config))
 
 
 def _slic(image: np.ndarray, config: DataConfig) -> np.ndarray:
