@@ -104,6 +104,7 @@ RECIPES: dict[str, Recipe] = {
     # the best of two or three starts, each tried for 100 steps (segclip/train/starts.py)
     "best_of_2": Recipe(("train.start_trials=2",)),
     "best_of_3": Recipe(("train.start_trials=3",)),
+    "best_of_3_150": Recipe(("train.start_trials=3", "train.start_trial_steps=150")),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
