@@ -101,7 +101,8 @@ RECIPES: dict[str, Recipe] = {
     # the reference has 2 cross-attention blocks (docs/demo_study.md)
     "cross_blocks_1": Recipe(("model.cross_attention_blocks=1",)),
     "cross_blocks_3": Recipe(("model.cross_attention_blocks=3",)),
-    # the best of two or three starts, each tried for 100 steps (segclip/train/starts.py)
+    # the best of two or three starts, each tried for 100 steps (150 in best_of_3_150;
+    # segclip/train/starts.py)
     "best_of_2": Recipe(("train.start_trials=2",)),
     "best_of_3": Recipe(("train.start_trials=3",)),
     "best_of_3_150": Recipe(("train.start_trials=3", "train.start_trial_steps=150")),
