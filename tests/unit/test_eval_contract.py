@@ -5,6 +5,7 @@ scores path, and the CLIP normalisation constants."""
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -136,3 +137,6 @@ def test_normalize_images_uses_the_openai_clip_mean_and_std():
     for c in range(3):
         expected = (values[c] / 255 - mean[c]) / std[c]
         torch.testing.assert_close(out[0, c], torch.full((3, 5), expected), rtol=0, atol=1e-6)
+    assert (image == values).all()  # normalised in a copy, the input left as it was
+    with pytest.raises(TypeError, match="uint8 RGB, not float32"):
+        normalize_images(image.astype(np.float32))
