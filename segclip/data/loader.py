@@ -13,11 +13,12 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -95,6 +96,41 @@ def expand_tar_samples(streams: Iterable[dict[str, Any]]) -> Iterator[dict[str, 
     return group_by_keys(tar_file_expander(streams))
 
 
+class ShardSamples:
+    """Shard URLs -> their samples in tar order, streamed from the store.
+
+    With `keep` > 0 the samples of the shards read so far are kept in memory until about
+    `keep` are held (whole shards): resampled training draws each shard many times, and a
+    kept shard is neither read again nor, since `TrainingSamples` leaves its decoding in
+    the kept sample, decoded again. Reading and decoding are deterministic, so the samples,
+    crops and batches are the same with or without keeping.
+    """
+
+    def __init__(self, keep: int = 0) -> None:
+        self.keep = keep
+        self._kept: dict[str, list[dict[str, Any]]] = {}
+
+    def __call__(self, shards: Iterable[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            kept = self._kept.get(shard["url"])
+            if kept is not None:
+                yield from kept
+            elif sum(map(len, self._kept.values())) < self.keep:
+                self._kept[shard["url"]] = kept = list(expand_tar_samples(open_shards([shard])))
+                yield from kept
+            else:
+                yield from expand_tar_samples(open_shards([shard]))
+
+
+DECODED = "__decoded__"  # the sample member TrainingSamples leaves its decoding in
+
+
+class DecodedSample(NamedTuple):
+    image: Image.Image  # 8-bit RGB
+    labels: np.ndarray  # (H, W) superpixel ids
+    tokens: torch.Tensor  # (L,) caption token ids
+
+
 class TrainingSamples:
     """Decode, paired crop, patch ids and caption tokens for each shard sample of a stream."""
 
@@ -116,11 +152,21 @@ class TrainingSamples:
         for sample in samples:
             yield self.prepare(sample, crops)
 
-    def prepare(self, sample: dict[str, Any], crops: torch.Generator) -> dict[str, Any]:
+    def decode(self, sample: dict[str, Any]) -> DecodedSample:
         # decoded as the superpixel stage decoded it, so the label map lines up
-        crop, labels = paired_random_resized_crop(
+        return DecodedSample(
             display_rgb(open_image(sample[image_member(sample)])),
             decode_label_map(sample[LABEL_MEMBER]),
+            self.tokenizer(sample["txt"].decode())[0],
+        )
+
+    def prepare(self, sample: dict[str, Any], crops: torch.Generator) -> dict[str, Any]:
+        if DECODED not in sample:  # left in the sample for when ShardSamples keeps it
+            sample[DECODED] = self.decode(sample)
+        decoded: DecodedSample = sample[DECODED]
+        crop, labels = paired_random_resized_crop(
+            decoded.image,
+            decoded.labels,
             self.image_size,
             scale=self.data.crop_scale,
             ratio=self.data.crop_ratio,
@@ -129,7 +175,7 @@ class TrainingSamples:
         return {
             "__key__": sample["__key__"],
             "image": np.asarray(crop),
-            "tokens": self.tokenizer(sample["txt"].decode())[0],
+            "tokens": decoded.tokens,
             "superpixels": patch_superpixel_ids(labels, self.patch_size, self.data.patch_label),
         }
 
@@ -158,8 +204,7 @@ def training_samples(
     rank_seed = hash((seed, rank))
     return wds.DataPipeline(
         RankShards(shards, rank=rank, world_size=world_size, resampled=resampled, seed=seed),
-        open_shards,
-        expand_tar_samples,
+        ShardSamples(config.runtime.loader_keep_samples),
         wds.shuffle(config.data.shuffle_buffer, seed=rank_seed),
         TrainingSamples(config, seed=rank_seed),
     )

@@ -1,9 +1,11 @@
 """The webdataset training loader on superpixel shards written by the stage's shard function."""
 
 import io
+import shutil
 import tarfile
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from PIL import Image
 from segclip.config import load_config
 from segclip.data.demo_data import demo_scene
 from segclip.data.loader import (
+    ShardSamples,
     batches_per_epoch,
     shards_for_rank,
     training_loader,
@@ -183,6 +186,28 @@ def test_loading_in_each_rank_gives_the_batches_of_one_loader_process(shards):
 
     inline = batches(0)
     assert len(inline) > 1 and same_batches(inline, batches(1))
+
+
+def test_kept_samples_give_the_batches_of_streamed_ones(shards):
+    def batches(keep):
+        config = load_config(
+            "tiny", ["data.shuffle_buffer=4", f"runtime.loader_keep_samples={keep}"]
+        )
+        return list(islice(training_loader(shards, config, batch_size=4, num_workers=0), 15))
+
+    streamed = batches(0)  # 60 samples: each of the 20 drawn about three times
+    assert same_batches(batches(100), streamed) and same_batches(batches(6), streamed)
+
+
+def test_shard_samples_keeps_whole_shards_up_to_about_its_bound(shards, tmp_path):
+    copies = [shutil.copy(shard, tmp_path) for shard in shards[:3]]  # 3, 5 and 2 samples
+    read = ShardSamples(keep=6)  # 3 kept, then 3 + 5 = 8 kept: the third is past the bound
+    first = [s["__key__"] for s in read({"url": url} for url in copies)]
+    for copy in copies:
+        Path(copy).unlink()
+    assert [s["__key__"] for s in read({"url": url} for url in copies[:2])] == first[:8]
+    with pytest.raises(FileNotFoundError):
+        list(read([{"url": copies[2]}]))
 
 
 def test_superpixel_shards_hold_their_samples_in_key_order(tmp_path, tiny_config):
