@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -214,7 +215,7 @@ def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
     from segclip.train import Batch, TrainStep, build_train_step
     from segclip.train.plan import plan_training
     from segclip.train.starts import choose_start
-    from segclip.train.step import StepRecord, timed_step
+    from segclip.train.step import DDP_OPTIONS, StepRecord, timed_step
 
     torch.set_num_threads(job.threads)
     device = resolve_device(job.device)
@@ -227,7 +228,7 @@ def train_rank(rank: int, job: Job) -> tuple[Any, list[float]]:
             config,
             total_steps=plan.total_steps,
             device_type=device.type,
-            wrap=DistributedDataParallel if dist.is_initialized() else None,
+            wrap=partial(DistributedDataParallel, **DDP_OPTIONS) if dist.is_initialized() else None,
         )
         loader = training_loader(
             list(job.shards),

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ from segclip.eval.speed import VOC_SIZE, images_per_second, pixel_agreement, ran
 from segclip.model import build_model, load_model, save_checkpoint
 from segclip.model.flops import train_flops_per_sample
 from segclip.train.speed import benchmark_step, matmul_peak_flops, synthetic_batch, timed_steps
-from segclip.train.step import AUTOCAST_DTYPES
+from segclip.train.step import AUTOCAST_DTYPES, DDP_OPTIONS
 
 GOAL_MFU = 0.40  # the training step on one H100 in bf16
 # Dense bf16 tensor-core peaks from NVIDIA's spec sheets, most specific name first.
@@ -218,7 +218,7 @@ def _train(ctx: Context, *, compiled: bool = False, ddp: bool = False) -> Row:
         ctx.config,
         precision=s.precision,
         device_type=ctx.device.type,
-        wrap=DistributedDataParallel if ddp else None,
+        wrap=partial(DistributedDataParallel, **DDP_OPTIONS) if ddp else None,
     )
     times = timed_steps(
         step, synthetic_batch(model, s.batch).to(ctx.device), warmup=s.warmup, steps=s.steps

@@ -13,6 +13,7 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -33,7 +34,7 @@ from segclip.train.metric_window import MetricWindow, progress_line
 from segclip.train.plan import TrainPlan
 from segclip.train.starts import choose_start, start_line, start_metrics, start_seed
 from segclip.train.state import load_training_state, reseed_for_resume, save_training_state
-from segclip.train.step import StepRecord, timed_step
+from segclip.train.step import DDP_OPTIONS, StepRecord, timed_step
 
 RESUMED = "training resumed at step"  # printed by rank 0, followed by the step and the total
 
@@ -57,7 +58,9 @@ def _build(config: SegCLIPConfig, plan: TrainPlan, device: torch.device) -> Trai
         config,
         total_steps=plan.total_steps,
         device_type=device.type,
-        wrap=ray.train.torch.prepare_model,  # device placement and DDP
+        wrap=partial(  # device placement and DDP
+            ray.train.torch.prepare_model, parallel_strategy_kwargs=DDP_OPTIONS
+        ),
     )
 
 

@@ -2,6 +2,7 @@
 
 import socket
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -183,6 +184,7 @@ def test_two_ddp_ranks_give_the_loss_and_gradients_of_one_process_with_both_halv
 
 def _no_reconstruction_rank_main(rank: int, world: int, port: int, results: dict) -> None:
     from segclip.train import build_train_step
+    from segclip.train.step import DDP_OPTIONS
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -193,12 +195,15 @@ def _no_reconstruction_rank_main(rank: int, world: int, port: int, results: dict
             update={"loss": config.loss.model_copy(update={"reconstruction_weight": 0.0})}
         )
         step = build_train_step(
-            model, config, total_steps=10, wrap=torch.nn.parallel.DistributedDataParallel
+            model,
+            config,
+            total_steps=10,
+            wrap=partial(torch.nn.parallel.DistributedDataParallel, **DDP_OPTIONS),
         )
         local = batch.select(torch.arange(rank * HALF, (rank + 1) * HALF))
         for _ in range(2):  # DDP raises on the second step if a trainable parameter got no grad
             step(local)
-        results[rank] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        results[rank] = {n: p.detach().clone() for n, p in model.state_dict().items()}
     finally:
         dist.destroy_process_group()
 
@@ -211,3 +216,9 @@ def test_ddp_ranks_train_in_step_without_the_reconstruction_branch():
         torch.testing.assert_close(value, results[1][name], msg=name)
     moved = {n for n, v in results[0].items() if not torch.equal(v, initial.state_dict()[n])}
     assert moved and not any(n.startswith("reconstruction.") for n in moved)
+    # the buffers DDP_OPTIONS does not broadcast are constants: unchanged on every rank
+    assert {n for n, _ in initial.named_buffers()} == {
+        "clip.attn_mask",
+        "reconstruction.decoder.pos_embed",
+    }
+    assert not moved & {n for n, _ in initial.named_buffers()}
