@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -18,10 +19,19 @@ from segclip.model import SegCLIP
 from segclip.model.segclip import CaptionTokenizer
 from segclip.train.optim import build_optimizer, build_scheduler
 
-# DistributedDataParallel's options for every trainer. The model's buffers are constants
-# (the causal text mask, fixed position embeddings), so broadcasting them from rank 0 before
-# each forward was only one more collective per step: 2-3% of the 2-core demo's step.
-DDP_OPTIONS: dict[str, bool] = {"broadcast_buffers": False}
+
+def _ddp_options() -> dict[str, bool]:
+    """DistributedDataParallel's options for every trainer. The model's buffers are constants
+    (the causal text mask, fixed position embeddings), so broadcasting them from rank 0 before
+    each forward was only one more collective per step: 2-3% of the 2-core demo's step.
+    torch 2.13 renamed the switch; the GPU machines' torch 2.11 knows only the old name."""
+    options = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in options:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+DDP_OPTIONS = _ddp_options()
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
