@@ -43,7 +43,10 @@ def history(config, result, metric="loss/total"):
 
 
 def test_a_short_run_learns_and_is_tracked_in_mlflow(workdir, labels, capfd):
-    config = configure(workdir, "train.steps=16", "runtime.checkpoint_every=8")
+    # The one Ray Train run with a loader process per rank (the tiny profile loads in each).
+    config = configure(
+        workdir, "train.steps=16", "runtime.checkpoint_every=8", "runtime.loader_workers=1"
+    )
     result = train.run(config, [labels])
     assert result.manifest.counts == {"steps": 16, "world_size": 2, "global_batch": 16}
     model = load_checkpoint(result.file("model"))
