@@ -112,6 +112,7 @@ def test_own_checkpoint_round_trip_is_bit_identical(tmp_path):
 
 def test_pretrained_weights_load_from_a_local_open_clip_file(tmp_path):
     """`model.pretrained` takes a local path exactly as it takes `openai` on a real run."""
+    register_model_configs()  # this package's tiny architecture, for open_clip itself
     torch.manual_seed(3)
     clip = open_clip.create_model("segclip-tiny")
     path = tmp_path / "clip.pt"
