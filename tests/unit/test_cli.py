@@ -153,3 +153,26 @@ def test_torchvision_imports_after_segclip_without_torch_upfront():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
+def test_the_installed_command_exits_with_its_code_after_the_exit_handlers():
+    """`entry_point` skips the interpreter's teardown: the exit code, the printed output and
+    the exit handlers (Prefect's temporary API, Ray, logging) must all survive that."""
+    probe = (
+        "import atexit\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "from flows.cli import entry_point\n"
+        "entry_point()\n"
+    )
+    runs = {
+        profile: subprocess.run(
+            [sys.executable, "-c", probe, "config", "--profile", profile],
+            capture_output=True,
+            text=True,
+        )
+        for profile in ("tiny", "huge")
+    }
+    assert all(run.stdout.endswith("exit handler ran\n") for run in runs.values())
+    printed = yaml.safe_load(runs["tiny"].stdout.removesuffix("exit handler ran\n"))
+    assert runs["tiny"].returncode == 0 and printed["profile"] == "tiny"
+    assert runs["huge"].returncode == 2 and "unknown profile 'huge'" in runs["huge"].stderr

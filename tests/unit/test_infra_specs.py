@@ -697,8 +697,8 @@ def entrypoint_problems(entrypoint: str) -> list[str]:
     argv = shlex.split(entrypoint)
     if argv[:2] != ["segclip", "run"]:
         return [f"the entrypoint {argv[:2]} is not `segclip run`"]
-    if pyproject()["project"]["scripts"].get("segclip") != "flows.cli:main":
-        return ["pyproject no longer installs `segclip` as flows.cli:main"]
+    if pyproject()["project"]["scripts"].get("segclip") != "flows.cli:entry_point":
+        return ["pyproject no longer installs `segclip` as flows.cli:entry_point"]
     parser = argparse.ArgumentParser(prog="segclip run", exit_on_error=False)
     add_config_arguments(parser, "demo")  # the arguments flows.cli's `run` takes
     parser.add_argument("--force", action="append", default=[])
