@@ -33,8 +33,9 @@ def start_temporary_api() -> Callable[[], None]:
     def start() -> None:
         try:
             SubprocessASGIServer().start()
-            # Prefect stops the server at exit, then logging's exit flush waited 5 s to send
-            # the last flow logs to it: sent first (exit handlers run last registered first).
+            # Prefect stops the server at exit; logging's exit flush then waited its 5 s timeout
+            # on the log worker sending to the stopped server. Drained first instead (exit
+            # handlers run last registered first).
             atexit.register(APILogWorker.drain_all)
         except BaseException as error:  # handed to the waiting thread
             failure.append(error)
