@@ -38,7 +38,7 @@ def timed_run(overrides: list[str]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="reruns timed after the full run")
+    parser.add_argument("--runs", type=int, default=3, help="reruns timed after one untimed run")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the demo profile")
     args = parser.parse_args()
     timed_run(args.overrides)
