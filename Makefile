@@ -62,6 +62,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/felzenszwalb.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/superpixel_links.py
 
 # The GPU machine (CUDA PyTorch, Python 3.12, no registry, no .venv) lacks some of what
 # benchmarks/gpu_check.py imports: fetch those wheels here, carry gpu_wheels/ along with

@@ -107,6 +107,10 @@ RECIPES: dict[str, Recipe] = {
     "best_of_2": Recipe(("train.start_trials=2",)),
     "best_of_3": Recipe(("train.start_trials=3",)),
     "best_of_3_150": Recipe(("train.start_trials=3", "train.start_trial_steps=150")),
+    # each patch's superpixel is its most frequent id, not the truncated mean of its ids,
+    # which can be a third superpixel: a third of the object patches shared an id with
+    # background patches, against an eighth (docs/demo_study.md)
+    "patch_majority": Recipe(("data.patch_label=majority",)),
     "background_named": Recipe(background_named=True),
     "background_word": Recipe(
         (f"loss.caption_words=[{','.join((*CATEGORIES, 'pattern'))}]",), background_named=True
