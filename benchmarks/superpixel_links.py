@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import torch
@@ -36,36 +37,65 @@ def _resized(grid: np.ndarray, size: int) -> torch.Tensor:
     return F.interpolate(tensor, size=(size, size), mode="nearest")[0, 0].long()
 
 
+@dataclass
+class Links:
+    """Patch counts of one or more scenes."""
+
+    patches: int = 0
+    absent: int = 0  # patches whose id none of their pixels has
+    not_majority: int = 0  # patches whose id is not their most frequent one
+    objects: int = 0  # patches whose pixels are mostly an object's
+    objects_linked: int = 0  # object patches sharing an id with a background patch
+
+    def __add__(self, other: Links) -> Links:
+        return Links(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+def count_links(
+    superpixels: torch.Tensor, classes: torch.Tensor, *, patch: int, reduction: str
+) -> Links:
+    """Links of one scene: superpixel ids and ground-truth classes (H, W), 0 the background."""
+    ids = patch_superpixel_ids(superpixels, patch, reduction)
+    patch_classes = patch_superpixel_ids(classes, patch, "majority")
+    rows, columns = superpixels.shape[0] // patch, superpixels.shape[1] // patch
+    pixels = superpixels.reshape(rows, patch, columns, patch).transpose(1, 2)
+    present = (pixels.reshape(ids.numel(), -1) == ids[:, None]).any(dim=1)
+    same = ids[:, None] == ids[None, :]
+    same.fill_diagonal_(False)
+    is_object = patch_classes > 0
+    linked = (same & (patch_classes[None, :] == 0)).any(dim=1) & is_object
+    return Links(
+        patches=ids.numel(),
+        absent=int((~present).sum()),
+        not_majority=int((ids != patch_superpixel_ids(superpixels, patch, "majority")).sum()),
+        objects=int(is_object.sum()),
+        objects_linked=int(linked.sum()),
+    )
+
+
 def links(*, scenes: int, reduction: str, overrides: list[str]) -> dict[str, str]:
+    """The table's row for one reduction over the first `scenes` demo training scenes."""
     config = load_config("demo", overrides)
     architecture = describe_clip(config.model.clip_model)
     size, patch = architecture.image_size, architecture.patch_size
-    superpixel_count = absent = not_majority = patches = objects_linked = objects = 0
+    total, superpixel_count = Links(), 0
     for index in range(scenes):
         scene = demo_scene(config.demo.seed, index, config.demo.image_size)
         superpixels = compute_superpixels(scene.image, config.data)
-        labels = _resized(superpixels, size)
-        classes = patch_superpixel_ids(_resized(scene.class_map, size), patch, "majority")
-        ids = patch_superpixel_ids(labels, patch, reduction)
-        own = patch_superpixel_ids(labels, patch, "majority") == ids
-        pixels = labels.reshape(size // patch, patch, size // patch, patch).transpose(1, 2)
-        present = (pixels.reshape(ids.numel(), -1) == ids[:, None]).any(dim=1)
-        same = ids[:, None] == ids[None, :]
-        same.fill_diagonal_(False)
-        differ = same & (classes[:, None] != classes[None, :])
-        is_object = classes > 0
-        linked = (differ & (classes[None, :] == 0)).any(dim=1) & is_object
         superpixel_count += int(superpixels.max()) + 1
-        absent += int((~present).sum())
-        not_majority += int((~own).sum())
-        patches += ids.numel()
-        objects += int(is_object.sum())
-        objects_linked += int(linked.sum())
+        total += count_links(
+            _resized(superpixels, size),
+            _resized(scene.class_map, size),
+            patch=patch,
+            reduction=reduction,
+        )
     return {
         "superpixels a scene": f"{superpixel_count / scenes:.1f}",
-        "patches with an id none of their pixels has": f"{absent / patches:.1%}",
-        "patches whose id is not their majority id": f"{not_majority / patches:.1%}",
-        "object patches sharing an id with background": f"{objects_linked / objects:.1%}",
+        "patches with an id none of their pixels has": f"{total.absent / total.patches:.1%}",
+        "patches whose id is not their majority id": f"{total.not_majority / total.patches:.1%}",
+        "object patches sharing an id with background": (
+            f"{total.objects_linked / total.objects:.1%}"
+        ),
     }
 
 
