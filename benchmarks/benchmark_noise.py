@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", help="SegCLIP .safetensors checkpoints")
     parser.add_argument("--scenes", type=int, default=1000, help="fresh scenes to score on")
     args = parser.parse_args()
+    if args.scenes < 1:
+        parser.error(f"--scenes {args.scenes}: score on at least one fresh scene (1000 is usual)")
 
     from segclip.data.demo_data import write_demo_benchmark
     from segclip.eval.protocol import PROTOCOLS
@@ -100,6 +102,8 @@ def main() -> None:
             f"{found.difference_std:.1f}; the {demo.benchmark_images}-scene benchmark's own "
             f"error about {error:.1f} mIoU"
         )
+    else:
+        print("\n(three or more checkpoints give the correlation and the benchmark's error)")
     print(f"\ncommand: python benchmarks/benchmark_noise.py {shlex.join(sys.argv[1:])}")
 
 
