@@ -1,12 +1,10 @@
 """benchmarks/benchmark_noise.py's agreement of two benchmarks, against hand computations."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))  # its demo_recipes import
-from benchmark_noise import agreement
+from tests.benchmark_scripts import load_benchmark
+
+agreement = load_benchmark("benchmark_noise").agreement
 
 
 def test_agreement_of_three_models_matches_the_hand_computation() -> None:

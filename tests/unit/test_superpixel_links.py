@@ -1,16 +1,10 @@
 """benchmarks/superpixel_links.py's counts on a hand-made scene of four 16 px patches."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).parents[2] / "benchmarks" / "superpixel_links.py"
-spec = importlib.util.spec_from_file_location("superpixel_links", SCRIPT)
-superpixel_links = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = superpixel_links  # dataclasses look their module up there
-spec.loader.exec_module(superpixel_links)
+from tests.benchmark_scripts import load_benchmark
+
+superpixel_links = load_benchmark("superpixel_links")
 
 
 def scene() -> tuple[torch.Tensor, torch.Tensor]:
